@@ -1,0 +1,1 @@
+"""kvhandoff.cuda_ext."""

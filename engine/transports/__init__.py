@@ -1,0 +1,1 @@
+"""Transports: one module per backend, imported lazily."""

@@ -1,0 +1,79 @@
+"""Helpers for buffer collectives: numpy arrays and torch tensors, told apart without
+importing torch (torch is only imported when a tensor is actually handed in)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .errors import CollectiveArgumentError
+
+BUFFER_REDUCE_OPS = ("sum", "min", "max")
+
+
+def buffer_kind(buffer: object) -> str:
+    """``"numpy"`` or ``"torch"``; anything else is a CollectiveArgumentError."""
+    module = type(buffer).__module__
+    if module == "numpy" and hasattr(buffer, "dtype"):
+        return "numpy"
+    if module.startswith("torch") and hasattr(buffer, "dtype"):
+        return "torch"
+    raise CollectiveArgumentError(
+        f"buffer collectives take a numpy array or a torch tensor, got {type(buffer).__name__}; "
+        "use the object form (allgather/allreduce) for other Python objects"
+    )
+
+
+def describe(buffer: Any) -> tuple[str, str, tuple[int, ...]]:
+    """(kind, dtype, shape): the part of a buffer call that must agree across ranks.
+
+    numpy's ``str(dtype)`` runs Python code; ``dtype.str`` (e.g. ``<i8``) is a C attribute."""
+    kind = buffer_kind(buffer)
+    dtype = buffer.dtype.str if kind == "numpy" else str(buffer.dtype)
+    return (kind, dtype, tuple(buffer.shape))
+
+
+def copy(buffer: Any) -> Any:
+    """A private copy, so a peer never aliases this rank's memory (in-process backend)."""
+    if buffer_kind(buffer) == "torch":
+        return buffer.detach().clone()
+    return buffer.copy()
+
+
+def stack(buffers: list[Any]) -> Any:
+    """Stack per-rank buffers along a new leading axis of length size."""
+    if buffer_kind(buffers[0]) == "torch":
+        import torch
+
+        return torch.stack(buffers)
+    import numpy as np
+
+    return np.stack(buffers)
+
+
+def reduce(buffers: list[Any], reduce_op: str) -> Any:
+    """Elementwise reduction of per-rank buffers in rank order (deterministic)."""
+    if buffer_kind(buffers[0]) == "torch":
+        import torch
+
+        fns: dict[str, Any] = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
+    else:
+        import numpy as np
+
+        fns = {"sum": np.add, "min": np.minimum, "max": np.maximum}
+    return functools.reduce(fns[reduce_op], buffers)
+
+
+def check_reduce_op(reduce_op: str) -> None:
+    if reduce_op not in BUFFER_REDUCE_OPS:
+        raise CollectiveArgumentError(
+            f"buffer allreduce supports {BUFFER_REDUCE_OPS}, got {reduce_op!r}; use the object "
+            "allreduce for or/and"
+        )
+
+
+def numpy_to_torch(array: Any) -> Any:
+    """A torch tensor sharing ``array``'s memory (backends that move tensors as numpy)."""
+    import torch
+
+    return torch.from_numpy(array)

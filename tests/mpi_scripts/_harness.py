@@ -18,7 +18,7 @@ def mpi_main(fn: Callable[[Any], None]) -> None:
     comm = MPI.COMM_WORLD
     try:
         fn(comm)
-    except BaseException:  # noqa: BLE001 - any failure must abort every rank
+    except BaseException:  # any failure, KeyboardInterrupt included, must abort every rank
         sys.stdout.flush()
         print(f"[rank {comm.Get_rank()}] FAILED:", file=sys.stderr)
         traceback.print_exc()

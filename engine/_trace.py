@@ -1,0 +1,317 @@
+"""``kvhandoff trace LOG_DIR -o trace.json``: a Chrome / Perfetto trace of a run.
+
+The trace is the Trace Event Format's JSON object form (open it in https://ui.perfetto.dev or
+chrome://tracing):
+
+- one process per rank (``pid`` = rank, named ``rank N``);
+- per rank, one thread per communicator (``collectives <comm>``) holding an ``X`` slice per
+  collective call (from enter/exit lines and flight-recorder entries; a call with no end is
+  drawn up to the rank's last known time, state ``pending``), and one thread per request
+  (``session <id>``) holding an ``X`` slice per session state, the terminal state as an
+  instant; calls that overlap on one communicator (non-blocking forms) go to extra threads
+  ``collectives <comm> (overlap N)`` so slices on a thread always nest;
+- flow arrows (``s`` / ``t`` / ``f``, category ``collective.seq``) joining the slices of the
+  same communicator and sequence number across ranks, in the order the ranks entered;
+- thread ``events`` with an instant per desync, timeout, dump, health change, cancel and
+  deferred free.
+
+Times are microseconds from the earliest line of the run (``otherData.time_origin_s`` holds
+that origin in seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvhandoff.engine._logs import LogLine, LogSet
+
+EXIT_OK = 0
+EXIT_UNREADABLE = 2
+
+EVENTS_TID = 0
+COLLECTIVE_CAT = "collective"
+SESSION_CAT = "session"
+FLOW_CAT = "collective.seq"
+# Slices shorter than this are widened to it, so that a flow arrow has something to bind to.
+MIN_SLICE_US = 1.0
+_INSTANT_EVENTS = frozenset(
+    {
+        "collective.desync",
+        "collective.timeout",
+        "flight_recorder.dump",
+        "health.change",
+        "session.cancel",
+        "pool.deferred_free",
+    }
+)
+_TERMINAL_STATES = frozenset({"COMPLETE", "FAILED", "CANCELLED"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kvhandoff trace``."""
+    parser.add_argument("log_dir", metavar="LOG_DIR", help="directory of rank-<N>.jsonl files")
+    parser.add_argument(
+        "-o", "--output", default="trace.json", help="trace file to write (default trace.json)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the trace of ``args.log_dir`` to ``args.output``; 0 on success, 2 when the logs
+    cannot be read."""
+    from kvhandoff.engine._logs import LogDirError, load_logs
+
+    try:
+        logs = load_logs(args.log_dir)
+    except LogDirError as exc:
+        print(f"kvhandoff trace: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    count = write_trace(logs, args.output)
+    for note in logs.notes:
+        print(f"kvhandoff trace: note: rank {note.rank}: {note.detail}", file=sys.stderr)
+    print(f"wrote {count} trace events for ranks {sorted(logs.ranks)} to {args.output}")
+    return EXIT_OK
+
+
+def write_trace(logs: LogSet, path: str | os.PathLike[str]) -> int:
+    """Write the trace of ``logs`` to ``path`` as JSON; return the number of trace events."""
+    import msgspec
+
+    trace = build_trace(logs)
+    with open(path, "wb") as file:
+        file.write(msgspec.json.encode(trace))
+    return len(trace["traceEvents"])
+
+
+class _Call:
+    """One collective call on one rank, merged from every source that mentions it."""
+
+    __slots__ = ("end", "op", "site", "start", "state", "summary", "tag")
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+        self.op: str | None = None
+        self.site: str | None = None
+        self.tag: str | None = None
+        self.state: str | None = None
+        self.summary: str | None = None
+
+
+def _calls_of(lines: list[LogLine]) -> dict[str, dict[int, _Call]]:
+    """comm -> seq -> call; enter/exit lines win over recorder entries where both exist."""
+    calls: dict[str, dict[int, _Call]] = {}
+    for line in lines:
+        event = line.event
+        if event == "flight_recorder.dump":
+            by_seq = calls.setdefault(line.comm or "", {})
+            for entry in line.entries or ():
+                call = by_seq.get(entry.seq) or by_seq.setdefault(entry.seq, _Call())
+                call.start = call.start if call.start is not None else entry.start
+                call.end = call.end if call.end is not None else entry.end
+                call.op = call.op or entry.op
+                call.site = call.site or entry.site
+                call.tag = call.tag or entry.tag
+                call.summary = call.summary or entry.summary
+                if call.state is None or call.state == "pending":
+                    call.state = entry.state
+        elif event == "collective.enter" and line.seq is not None:
+            call = calls.setdefault(line.comm or "", {}).setdefault(line.seq, _Call())
+            call.start, call.op, call.site, call.tag = line.ts, line.op, line.site, line.tag
+            call.summary = line.summary
+        elif event == "collective.exit" and line.seq is not None:
+            call = calls.setdefault(line.comm or "", {}).setdefault(line.seq, _Call())
+            call.end, call.state = line.ts, line.state or "completed"
+            if call.start is None and line.duration_s is not None:
+                call.start = line.ts - line.duration_s
+            call.op = call.op or line.op
+            call.site = call.site or line.site
+            call.tag = call.tag or line.tag
+    return calls
+
+
+def build_trace(logs: LogSet) -> dict[str, Any]:
+    """The trace of ``logs`` as a JSON-ready dict (``traceEvents``, ``displayTimeUnit``,
+    ``otherData``)."""
+    import msgspec
+
+    calls_by_rank = {rank: _calls_of(list(log.lines)) for rank, log in logs.ranks.items()}
+    # The origin is the earliest time anywhere, recorder entries included (a dump can hold
+    # calls that started before the rank's first line).
+    starts = [log.lines[0].ts for log in logs.ranks.values() if log.lines]
+    starts.extend(
+        call.start
+        for calls in calls_by_rank.values()
+        for by_seq in calls.values()
+        for call in by_seq.values()
+        if call.start is not None
+    )
+    origin = min(starts) if starts else 0.0
+
+    def us(ts: float) -> float:
+        return (ts - origin) * 1e6
+
+    events: list[dict[str, Any]] = []
+    # (comm, seq) -> [(start_us, rank, tid)] for the flow arrows.
+    flows: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
+    for rank in sorted(logs.ranks):
+        lines = list(logs.ranks[rank].lines)
+        last_ts = max((line.ts for line in lines), default=origin)
+        events.append(_meta("process_name", rank, EVENTS_TID, {"name": f"rank {rank}"}))
+        events.append(_meta("process_sort_index", rank, EVENTS_TID, {"sort_index": rank}))
+        events.append(_meta("thread_name", rank, EVENTS_TID, {"name": "events"}))
+        next_tid = EVENTS_TID + 1
+
+        for comm, by_seq in sorted(calls_by_rank[rank].items()):
+            lane_ends: list[float] = []  # per lane, the end of its last slice
+            lane_tids: list[int] = []
+            for seq in sorted(by_seq):
+                call = by_seq[seq]
+                start = call.start if call.start is not None else call.end
+                if start is None:
+                    continue  # a recorder entry with no time at all cannot be placed
+                end = call.end if call.end is not None else max(last_ts, start)
+                begin_us = us(start)
+                dur_us = max(us(end) - begin_us, MIN_SLICE_US)
+                lane = next((i for i, free in enumerate(lane_ends) if free <= begin_us), None)
+                if lane is None:
+                    lane = len(lane_ends)
+                    lane_ends.append(begin_us)
+                    lane_tids.append(next_tid)
+                    name = f"collectives {comm}" + (f" (overlap {lane})" if lane else "")
+                    events.append(_meta("thread_name", rank, next_tid, {"name": name}))
+                    events.append(
+                        _meta("thread_sort_index", rank, next_tid, {"sort_index": next_tid})
+                    )
+                    next_tid += 1
+                lane_ends[lane] = begin_us + dur_us
+                tid = lane_tids[lane]
+                events.append(
+                    {
+                        "name": f"{call.op} #{seq}",
+                        "cat": COLLECTIVE_CAT,
+                        "ph": "X",
+                        "pid": rank,
+                        "tid": tid,
+                        "ts": begin_us,
+                        "dur": dur_us,
+                        "args": {
+                            "comm": comm,
+                            "seq": seq,
+                            "op": call.op,
+                            "site": call.site,
+                            "tag": call.tag,
+                            "state": call.state or "pending",
+                            "summary": call.summary,
+                        },
+                    }
+                )
+                flows.setdefault((comm, seq), []).append((begin_us, rank, tid))
+
+        transitions: dict[str, list[LogLine]] = {}
+        for line in lines:
+            if line.event == "session.transition" and line.request_id is not None:
+                transitions.setdefault(line.request_id, []).append(line)
+            elif line.event in _INSTANT_EVENTS:
+                events.append(_instant(line, rank, us(line.ts), msgspec.to_builtins(line)))
+        for request_id, history in transitions.items():
+            tid = next_tid
+            next_tid += 1
+            events.append(_meta("thread_name", rank, tid, {"name": f"session {request_id}"}))
+            events.append(_meta("thread_sort_index", rank, tid, {"sort_index": tid}))
+            for line, following in zip(history, [*history[1:], None], strict=True):
+                state = line.to_state or "?"
+                args = {
+                    "request_id": request_id,
+                    "from_state": line.from_state,
+                    "trigger": line.trigger,
+                    "role": line.role,
+                    "peer": line.peer,
+                    "reason": line.reason,
+                }
+                if following is None and state in _TERMINAL_STATES:
+                    events.append(
+                        {
+                            "name": state,
+                            "cat": SESSION_CAT,
+                            "ph": "i",
+                            "s": "t",
+                            "pid": rank,
+                            "tid": tid,
+                            "ts": us(line.ts),
+                            "args": args,
+                        }
+                    )
+                    continue
+                end = following.ts if following is not None else max(last_ts, line.ts)
+                events.append(
+                    {
+                        "name": state,
+                        "cat": SESSION_CAT,
+                        "ph": "X",
+                        "pid": rank,
+                        "tid": tid,
+                        "ts": us(line.ts),
+                        "dur": max(us(end) - us(line.ts), MIN_SLICE_US),
+                        "args": args,
+                    }
+                )
+
+    flow_id = 0
+    for (comm, seq), points in sorted(flows.items()):
+        if len(points) < 2:
+            continue
+        flow_id += 1
+        points.sort()
+        for index, (ts_us, rank, tid) in enumerate(points):
+            phase = "s" if index == 0 else "f" if index == len(points) - 1 else "t"
+            flow: dict[str, Any] = {
+                "name": f"{comm} #{seq}",
+                "cat": FLOW_CAT,
+                "ph": phase,
+                "id": flow_id,
+                "pid": rank,
+                "tid": tid,
+                "ts": ts_us,
+            }
+            if phase == "f":
+                flow["bp"] = "e"  # bind to the enclosing slice, not the next one
+            events.append(flow)
+
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "tool": "kvhandoff trace",
+            "log_dir": logs.log_dir,
+            "time_origin_s": origin,
+            "ranks": sorted(logs.ranks),
+        },
+    }
+
+
+def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+
+
+def _instant(line: LogLine, rank: int, ts_us: float, fields: dict[str, Any]) -> dict[str, Any]:
+    args = {
+        key: value
+        for key, value in fields.items()
+        if value is not None and key not in ("ts", "rank", "event", "entries")
+    }
+    if line.entries is not None:
+        args["entries"] = len(line.entries)
+    return {
+        "name": line.event,
+        "cat": line.event.split(".", 1)[0],
+        "ph": "i",
+        "s": "t",
+        "pid": rank,
+        "tid": EVENTS_TID,
+        "ts": ts_us,
+        "args": args,
+    }

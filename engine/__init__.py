@@ -1,1 +1,58 @@
-"""kvhandoff.engine."""
+"""kvhandoff.engine: the transfer engine and the paged KV memory it moves.
+
+Exports resolve lazily (PEP 562): ``import kvhandoff.engine`` does not import torch, so the
+``kvhandoff`` command line starts fast; the first access to ``BlockPool`` imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kvhandoff.engine.errors import (
+    DoubleFreeError,
+    NotOwnerError,
+    OutOfBlocksError,
+    PinError,
+    PoisonError,
+    PoolConfigError,
+    PoolError,
+    PoolInvariantError,
+    UnknownBlockError,
+)
+
+if TYPE_CHECKING:
+    from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
+
+# Public name -> the module that defines it, for the names that pull in torch.
+_LAZY: dict[str, str] = {
+    "BlockPool": "kvhandoff.engine.pool",
+    "POISON_BLOCK_BYTE": "kvhandoff.engine.pool",
+}
+
+__all__ = [
+    "POISON_BLOCK_BYTE",
+    "BlockPool",
+    "DoubleFreeError",
+    "NotOwnerError",
+    "OutOfBlocksError",
+    "PinError",
+    "PoisonError",
+    "PoolConfigError",
+    "PoolError",
+    "PoolInvariantError",
+    "UnknownBlockError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

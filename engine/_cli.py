@@ -16,6 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 # (name, module, one-line help). Order is the order shown in --help.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "kvhandoff.engine._demo", "run a simulated disaggregated serving job"),
+    ("analyze", "kvhandoff.engine._analyze", "say what went wrong in a run, from its rank logs"),
+    ("trace", "kvhandoff.engine._trace", "write a Chrome/Perfetto trace of a run's rank logs"),
 )
 
 

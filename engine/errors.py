@@ -1,0 +1,152 @@
+"""Every exception raised by ``kvhandoff.engine`` itself (transports keep theirs in
+``kvhandoff.engine.transports.errors``).
+
+Errors carry their data as attributes; messages say what to do. A pool call that raises has
+changed nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+def _ids(block_ids: Iterable[int]) -> tuple[int, ...]:
+    return tuple(block_ids)
+
+
+def _show(block_ids: Sequence[int], limit: int = 16) -> str:
+    shown = ", ".join(str(b) for b in block_ids[:limit])
+    more = f", ... ({len(block_ids)} in all)" if len(block_ids) > limit else ""
+    return f"[{shown}{more}]"
+
+
+class PoolError(Exception):
+    """Base class of every ``BlockPool`` error. ``block_ids`` (tuple of int) names the blocks
+    concerned (empty when the error is not about particular blocks)."""
+
+    block_ids: tuple[int, ...] = ()
+
+
+class PoolConfigError(PoolError, ValueError):
+    """A ``BlockPool`` constructor argument is invalid. Attributes: ``name``, ``value``."""
+
+    def __init__(self, name: str, value: Any, expected: str):
+        self.name = name
+        self.value = value
+        self.expected = expected
+        self.block_ids = ()
+        super().__init__(f"BlockPool {name}={value!r} is invalid: expected {expected}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.value, self.expected))
+
+
+class OutOfBlocksError(PoolError):
+    """``alloc(n)`` asked for more blocks than are free. Attributes: ``requested``,
+    ``available``."""
+
+    def __init__(self, requested: int, available: int):
+        self.requested = requested
+        self.available = available
+        self.block_ids = ()
+        super().__init__(
+            f"cannot allocate {requested} blocks: only {available} are free; free or release "
+            "finished requests first, or build the pool with more blocks"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.requested, self.available))
+
+
+class UnknownBlockError(PoolError):
+    """Block ids outside ``range(num_blocks)`` (or not ints). Attributes: ``block_ids`` (the
+    bad ones), ``num_blocks``."""
+
+    def __init__(self, block_ids: Iterable[Any], num_blocks: int):
+        self.block_ids = tuple(block_ids)
+        self.num_blocks = num_blocks
+        super().__init__(
+            f"unknown block ids {_show(self.block_ids)}: this pool has blocks 0..{num_blocks - 1}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block_ids, self.num_blocks))
+
+
+class DoubleFreeError(PoolError):
+    """``free()`` of blocks that are already free, already freed (deferred while pinned), or
+    listed twice in one call. Attribute: ``block_ids``."""
+
+    def __init__(self, block_ids: Iterable[int]):
+        self.block_ids = _ids(block_ids)
+        super().__init__(
+            f"blocks {_show(self.block_ids)} were already freed (or are listed twice): free "
+            "each allocated block exactly once"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block_ids,))
+
+
+class NotOwnerError(PoolError):
+    """``free()`` of blocks that the caller does not hold. Attributes: ``block_ids``,
+    ``owner`` (who tried), ``holders`` (block id -> who holds it)."""
+
+    def __init__(self, block_ids: Iterable[int], owner: str | None,
+                 holders: dict[int, str | None]):
+        self.block_ids = _ids(block_ids)
+        self.owner = owner
+        self.holders = dict(holders)
+        super().__init__(
+            f"owner {owner!r} does not hold blocks {_show(self.block_ids)} (holders: "
+            f"{self.holders}); free blocks with the owner they were allocated for"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block_ids, self.owner, self.holders))
+
+
+class PinError(PoolError):
+    """A ``pin``/``unpin`` that cannot be honoured: pinning a free or already freed block,
+    pinning twice for one owner, or unpinning a block the owner did not pin. Attributes:
+    ``block_ids``, ``owner``, ``problem`` (what was wrong)."""
+
+    def __init__(self, block_ids: Iterable[int], owner: str, problem: str):
+        self.block_ids = _ids(block_ids)
+        self.owner = owner
+        self.problem = problem
+        super().__init__(f"cannot pin/unpin blocks {_show(self.block_ids)} for {owner!r}: "
+                         f"{problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block_ids, self.owner, self.problem))
+
+
+class PoisonError(PoolError):
+    """Debug mode: blocks on the free list were written after they were freed (their poison
+    pattern changed), i.e. something touched memory it no longer owned. Attribute:
+    ``block_ids``."""
+
+    def __init__(self, block_ids: Iterable[int]):
+        self.block_ids = _ids(block_ids)
+        super().__init__(
+            f"freed blocks {_show(self.block_ids)} were written after free: a transfer or "
+            "kernel used them past their release"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block_ids,))
+
+
+class PoolInvariantError(PoolError):
+    """``check()`` found the pool's books inconsistent. Attributes: ``problems`` (list of
+    str), ``block_ids`` (every block named by a problem)."""
+
+    def __init__(self, problems: Sequence[str], block_ids: Iterable[int] = ()):
+        self.problems = list(problems)
+        self.block_ids = _ids(block_ids)
+        super().__init__("block pool invariant broken: " + "; ".join(self.problems))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems, self.block_ids))

@@ -1,0 +1,415 @@
+"""``BlockPool``: paged KV memory, handed out by block id, with pins that defer frees.
+
+Memory is one torch tensor per layer for K and one for V, each
+``[num_blocks, block_tokens, kv_heads, head_dim]``, in ``pool.layers`` as the flat list
+``[K0, V0, K1, V1, ...]`` that ``kvhandoff.cuda_ext.gather`` / ``scatter`` take.
+
+Every block is in exactly one of three books:
+
+* **free** - on the free list, handed out by ``alloc``;
+* **allocated** - held by an owner (the host's request, or anonymous), returned by ``free``;
+* **deferred** - its holder freed it while a transfer had it pinned: it goes back to the free
+  list when the last pin is removed, never earlier (promise 2 of DESIGN.md).
+
+Pins are orthogonal: a transfer pins the blocks it moves (``pin(ids, owner=request_id)``) and
+unpins them once its session is quiescent. A free block can never be pinned, and a pinned
+block never reaches the free list.
+
+Every call validates all its arguments before it changes anything, so an error leaves the
+pool exactly as it was. ``check()`` verifies the books. ``debug=True`` poisons blocks as they
+reach the free list (NaN for floating dtypes, the byte ``0xA5`` otherwise) and verifies the
+poison when they leave it, so a late write through a stale block id is caught; a late read
+sees NaN.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from kvhandoff.engine.errors import (
+    DoubleFreeError,
+    NotOwnerError,
+    OutOfBlocksError,
+    PinError,
+    PoisonError,
+    PoolConfigError,
+    PoolError,
+    PoolInvariantError,
+    UnknownBlockError,
+)
+
+#: Fill byte for poisoned blocks of non-floating dtypes.
+POISON_BLOCK_BYTE = 0xA5
+
+
+class PoolLogger(Protocol):
+    """What the pool needs from a logger: structlog's bound-logger ``info``."""
+
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PoolConfigError(name, value, "a positive int")
+    return value
+
+
+class BlockPool:
+    """Paged KV memory for one rank. Not thread-safe: one owner (the engine loop) calls it.
+
+    ``alloc(n, owner)`` -> block ids; ``free(ids, owner)`` returns them (deferred while
+    pinned); ``pin`` / ``unpin`` by transfer; ``check()`` verifies the books. Errors are
+    ``kvhandoff.engine.errors.PoolError`` subclasses and leave the pool unchanged.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        num_layers: int,
+        block_tokens: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        debug: bool = False,
+        logger: PoolLogger | None = None,
+    ) -> None:
+        self.num_blocks = _positive_int("num_blocks", num_blocks)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.block_tokens = _positive_int("block_tokens", block_tokens)
+        self.kv_heads = _positive_int("kv_heads", kv_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        if not isinstance(dtype, torch.dtype):
+            raise PoolConfigError("dtype", dtype, "a torch.dtype")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise PoolConfigError("device", device, "a torch device such as 'cpu' or 'cuda:0'")\
+                from None
+        self.dtype = dtype
+        self.debug = bool(debug)
+        self._logger = logger
+        shape = (num_blocks, block_tokens, kv_heads, head_dim)
+        #: ``[K0, V0, K1, V1, ...]``, each ``[num_blocks, block_tokens, kv_heads, head_dim]``.
+        self.layers: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * num_layers)
+        ]
+        self._free: deque[int] = deque(range(num_blocks))  # FIFO: freed blocks rest longest
+        self._is_free = bytearray(b"\x01") * num_blocks
+        self._holder: dict[int, str | None] = {}  # allocated: block -> owner
+        self._deferred: dict[int, str | None] = {}  # freed while pinned: block -> last owner
+        self._pins: dict[int, set[str]] = {}  # block -> transfers pinning it
+        self._pinned_by: dict[str, set[int]] = {}  # transfer -> blocks it pins
+        if self.debug:
+            self._poison(range(num_blocks))
+
+    # --- geometry --------------------------------------------------------------------------
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """``(block_tokens, kv_heads, head_dim)``: one block of one layer's K (or V)."""
+        return (self.block_tokens, self.kv_heads, self.head_dim)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block across every layer, K and V."""
+        elements = self.block_tokens * self.kv_heads * self.head_dim
+        return 2 * self.num_layers * elements * self.layers[0].element_size()
+
+    def key(self, layer: int) -> torch.Tensor:
+        return self.layers[2 * layer]
+
+    def value(self, layer: int) -> torch.Tensor:
+        return self.layers[2 * layer + 1]
+
+    # --- counts and queries ----------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_allocated(self) -> int:
+        """Blocks held by an owner (not counting deferred ones)."""
+        return len(self._holder)
+
+    @property
+    def num_deferred(self) -> int:
+        """Blocks freed by their holder but still pinned by a transfer."""
+        return len(self._deferred)
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pins)
+
+    def is_free(self, block_id: int) -> bool:
+        self._check_known([block_id])
+        return bool(self._is_free[block_id])
+
+    def holder(self, block_id: int) -> str | None:
+        """Who holds an allocated block (None: anonymous); ``PoolError`` if not allocated."""
+        self._check_known([block_id])
+        if block_id not in self._holder:
+            raise PoolError(f"block {block_id} is not allocated")
+        return self._holder[block_id]
+
+    def pins(self, block_id: int) -> frozenset[str]:
+        """The transfers pinning ``block_id`` (empty when none)."""
+        self._check_known([block_id])
+        return frozenset(self._pins.get(block_id, ()))
+
+    def pinned_by(self, owner: str) -> frozenset[int]:
+        """The blocks ``owner`` pins."""
+        return frozenset(self._pinned_by.get(owner, ()))
+
+    def deferred_blocks(self) -> frozenset[int]:
+        return frozenset(self._deferred)
+
+    # --- alloc / free ----------------------------------------------------------------------
+
+    def alloc(self, n: int, owner: str | None = None) -> list[int]:
+        """Take ``n`` blocks off the free list for ``owner`` (None: anonymous) and return
+        their ids. ``OutOfBlocksError`` when fewer are free; in debug mode ``PoisonError``
+        when one of them was written while free."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PoolConfigError("n", n, "an int >= 0")
+        if n > len(self._free):
+            raise OutOfBlocksError(n, len(self._free))
+        taken = [self._free[i] for i in range(n)]
+        if self.debug and taken:
+            written = self._unpoisoned(taken)
+            if written:
+                raise PoisonError(written)
+        for block_id in taken:
+            self._free.popleft()
+            self._is_free[block_id] = 0
+            self._holder[block_id] = owner
+        return taken
+
+    def free(self, block_ids: Iterable[int], owner: str | None = None) -> list[int]:
+        """Give blocks back. Blocks that a transfer still pins are *deferred*: they return to
+        the free list on their last ``unpin`` (and a ``pool.deferred_free`` event with
+        ``phase="deferred"`` is logged). Returns the ids that reached the free list now.
+
+        Raises ``UnknownBlockError``, ``DoubleFreeError`` (already free or freed, or listed
+        twice) or ``NotOwnerError`` (held by someone else), changing nothing."""
+        ids = self._check_known(block_ids)
+        twice = [b for b, n in Counter(ids).items() if n > 1]
+        already = [b for b in ids if self._is_free[b] or b in self._deferred]
+        if twice or already:
+            raise DoubleFreeError(sorted(set(twice) | set(already)))
+        not_held = [b for b in ids if self._holder[b] != owner]
+        if not_held:
+            raise NotOwnerError(not_held, owner, {b: self._holder[b] for b in not_held})
+
+        released: list[int] = []
+        deferred: dict[str, list[int]] = {}
+        for block_id in ids:
+            del self._holder[block_id]
+            pinners = self._pins.get(block_id)
+            if pinners:
+                self._deferred[block_id] = owner
+                for pinner in sorted(pinners):
+                    deferred.setdefault(pinner, []).append(block_id)
+            else:
+                released.append(block_id)
+        self._release(released)
+        for pinner, blocks in deferred.items():
+            self._log(blocks, pinner, "deferred")
+        return released
+
+    # --- pins ------------------------------------------------------------------------------
+
+    def pin(self, block_ids: Iterable[int], owner: str) -> None:
+        """Pin allocated blocks for the transfer ``owner`` (a request id): until
+        ``unpin(ids, owner)`` a ``free()`` of them is deferred. ``PinError`` when a block is
+        free, was already freed by its holder, or is already pinned by ``owner``."""
+        self._check_owner(owner)
+        ids = self._check_known(block_ids)
+        if len(set(ids)) != len(ids):
+            raise PinError(ids, owner, "a block id is listed twice")
+        free = [b for b in ids if self._is_free[b]]
+        if free:
+            raise PinError(free, owner, "the blocks are free: allocate them first")
+        freed = [b for b in ids if b in self._deferred]
+        if freed:
+            raise PinError(freed, owner, "their holder already freed them")
+        mine = self._pinned_by.get(owner, set())
+        twice = [b for b in ids if b in mine]
+        if twice:
+            raise PinError(twice, owner, "already pinned by this owner")
+        for block_id in ids:
+            self._pins.setdefault(block_id, set()).add(owner)
+        self._pinned_by.setdefault(owner, set()).update(ids)
+
+    def unpin(self, block_ids: Iterable[int], owner: str) -> list[int]:
+        """Remove ``owner``'s pin from the blocks. Deferred blocks whose last pin this was go
+        back to the free list (logged as ``pool.deferred_free`` with ``phase="released"``);
+        their ids are returned. ``PinError`` when ``owner`` does not pin one of them."""
+        self._check_owner(owner)
+        ids = self._check_known(block_ids)
+        if len(set(ids)) != len(ids):
+            raise PinError(ids, owner, "a block id is listed twice")
+        mine = self._pinned_by.get(owner, set())
+        missing = [b for b in ids if b not in mine]
+        if missing:
+            raise PinError(missing, owner, "this owner does not pin them")
+        released: list[int] = []
+        for block_id in ids:
+            pinners = self._pins[block_id]
+            pinners.discard(owner)
+            mine.discard(block_id)
+            if not pinners:
+                del self._pins[block_id]
+                if block_id in self._deferred:
+                    del self._deferred[block_id]
+                    released.append(block_id)
+        if not mine:
+            del self._pinned_by[owner]
+        self._release(released)
+        if released:
+            self._log(released, owner, "released")
+        return released
+
+    def unpin_all(self, owner: str) -> list[int]:
+        """``unpin`` every block ``owner`` pins (none is fine); returns the released ids."""
+        blocks = sorted(self._pinned_by.get(owner, ()))
+        return self.unpin(blocks, owner) if blocks else []
+
+    # --- verification ----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Verify the books: every block is in exactly one of free / allocated / deferred, no
+        id twice on the free list, no free block pinned, every deferred block pinned, and the
+        pin indexes agree. ``PoolInvariantError`` lists every problem found."""
+        problems: list[str] = []
+        bad: set[int] = set()
+        free_list = list(self._free)
+        free_set = set(free_list)
+        if len(free_set) != len(free_list):
+            dups = sorted(b for b in free_set if free_list.count(b) > 1)
+            problems.append(f"free list holds ids twice: {dups}")
+            bad.update(dups)
+        for block_id in range(self.num_blocks):
+            books = (
+                (block_id in free_set) + (block_id in self._holder) + (block_id in self._deferred)
+            )
+            if books != 1:
+                problems.append(f"block {block_id} is in {books} books (free/allocated/deferred)")
+                bad.add(block_id)
+            if bool(self._is_free[block_id]) != (block_id in free_set):
+                problems.append(f"block {block_id}: free flag disagrees with the free list")
+                bad.add(block_id)
+        for block_id in self._pins:
+            if block_id in free_set:
+                problems.append(f"block {block_id} is pinned but on the free list")
+                bad.add(block_id)
+            if not self._pins[block_id]:
+                problems.append(f"block {block_id} has an empty pin set")
+                bad.add(block_id)
+        for block_id in self._deferred:
+            if not self._pins.get(block_id):
+                problems.append(f"block {block_id} is deferred but nothing pins it")
+                bad.add(block_id)
+        by_owner = {
+            (owner, b) for owner, blocks in self._pinned_by.items() for b in blocks
+        }
+        by_block = {(owner, b) for b, owners in self._pins.items() for owner in owners}
+        if by_owner != by_block:
+            problems.append("the pin indexes disagree")
+            bad.update(b for _, b in by_owner ^ by_block)
+        if problems:
+            raise PoolInvariantError(problems, sorted(bad))
+
+    def assert_poisoned(self, block_ids: Iterable[int] | None = None) -> None:
+        """Debug mode: ``PoisonError`` unless every given block (default: every free block)
+        still holds its poison, i.e. nothing wrote it since it was freed. The blocks must be
+        free."""
+        if not self.debug:
+            raise PoolConfigError("debug", self.debug, "debug=True to check poisoned blocks")
+        ids = list(self._free) if block_ids is None else self._check_known(block_ids)
+        not_free = [b for b in ids if not self._is_free[b]]
+        if not_free:
+            raise PoolError(f"blocks {not_free} are not free, so they are not poisoned")
+        written = self._unpoisoned(ids)
+        if written:
+            raise PoisonError(written)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _check_known(self, block_ids: Iterable[Any]) -> list[int]:
+        if isinstance(block_ids, (str, bytes)):
+            raise UnknownBlockError([block_ids], self.num_blocks)
+        ids: list[int] = []
+        bad: list[Any] = []
+        for raw in block_ids:
+            try:  # ints, numpy ints and integer 0-d tensors; never bools or floats
+                block_id = operator.index(raw) if not isinstance(raw, bool) else -1
+            except TypeError:
+                block_id = -1
+            if 0 <= block_id < self.num_blocks:
+                ids.append(block_id)
+            else:
+                bad.append(raw)
+        if bad:
+            raise UnknownBlockError(bad, self.num_blocks)
+        return ids
+
+    @staticmethod
+    def _check_owner(owner: Any) -> None:
+        if not isinstance(owner, str) or not owner:
+            raise PinError((), str(owner), "the owner must be a non-empty str (a request id)")
+
+    def _release(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        if self.debug:
+            self._poison(block_ids)
+        for block_id in block_ids:
+            self._free.append(block_id)
+            self._is_free[block_id] = 1
+
+    def _index(self, block_ids: Iterable[int]) -> torch.Tensor:
+        return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+
+    def _poison(self, block_ids: Iterable[int]) -> None:
+        index = self._index(block_ids)
+        if index.numel() == 0:
+            return
+        for layer in self.layers:
+            if layer.dtype.is_floating_point:
+                layer.index_fill_(0, index, float("nan"))
+            else:
+                layer.view(torch.uint8).index_fill_(0, index, POISON_BLOCK_BYTE)
+
+    def _unpoisoned(self, block_ids: list[int]) -> list[int]:
+        """The blocks among ``block_ids`` whose poison is gone in any layer."""
+        if not block_ids:
+            return []
+        index = self._index(block_ids)
+        intact = torch.ones(len(block_ids), dtype=torch.bool, device=self.device)
+        for layer in self.layers:
+            rows = layer.index_select(0, index)
+            if layer.dtype.is_floating_point:
+                ok = torch.isnan(rows.float()).flatten(1).all(dim=1)
+            else:
+                ok = (rows.view(torch.uint8) == POISON_BLOCK_BYTE).flatten(1).all(dim=1)
+            intact &= ok
+        return [b for b, ok in zip(block_ids, intact.tolist(), strict=True) if not ok]
+
+    def _log(self, block_ids: list[int], owner: str, phase: str) -> None:
+        if self._logger is not None:
+            self._logger.info(
+                "pool.deferred_free", block_ids=sorted(block_ids), owner=owner, phase=phase
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockPool(num_blocks={self.num_blocks}, free={self.num_free}, "
+            f"allocated={self.num_allocated}, deferred={self.num_deferred}, "
+            f"pinned={self.num_pinned}, dtype={self.dtype}, device={self.device})"
+        )

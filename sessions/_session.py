@@ -1,0 +1,515 @@
+"""``TransferSession``: one request's transfer on one rank, with typed per-state data.
+
+The state is not stored next to the data: it *is* the type of the data (``Queued``,
+``Advertised``, ``InFlight``, ...), so an ``IN_FLIGHT`` session always has a handle and a
+``QUEUED`` one never has one. Every change goes through ``TransferSession.apply``, which looks
+the event up in ``TRANSITIONS`` and validates everything before it changes anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from kvhandoff.sessions._table import Event, FailureReason, Role, State, next_state
+from kvhandoff.sessions.errors import InvalidArgumentError, TransitionError
+
+
+def _to_reason(value: FailureReason | str) -> FailureReason:
+    return FailureReason(value)
+
+
+@attrs.frozen
+class Failure:
+    """Why a session failed: one reason of the vocabulary, plus optional free text."""
+
+    reason: FailureReason = attrs.field(converter=_to_reason)
+    detail: str | None = None
+
+
+# --- per-state data --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Queued:
+    """Admitted, nobody outside this process knows the blocks. ``queue_deadline`` is absolute
+    (admission time + queue timeout) or None for no deadline."""
+
+    admitted_at: float
+    queue_deadline: float | None
+
+
+@attrs.frozen
+class Advertised:
+    """The peer was told. ``transfer_deadline`` runs from the handshake."""
+
+    advertised_at: float
+    transfer_deadline: float | None
+
+
+def _not_none(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        raise InvalidArgumentError(attribute.name, value, "a transport handle, never None")
+
+
+@attrs.frozen
+class InFlight:
+    """The local operation is posted; ``handle`` is never None. ``local_final``: the handle
+    finished successfully but the group has not agreed on the outcome yet.
+    ``cancel_requested``: the host asked to cancel; the session ends ``FAILED(cancelled)`` as
+    soon as it is quiescent."""
+
+    handle: object = attrs.field(validator=_not_none)
+    posted_at: float
+    transfer_deadline: float | None
+    local_final: bool = False
+    cancel_requested: bool = False
+
+
+@attrs.frozen
+class Quarantined:
+    """Failed, error surfaced, but ``handle`` (None when nothing was posted) may still touch
+    the blocks until it is final."""
+
+    handle: object | None
+    since: float
+    failure: Failure
+    local_final: bool = False
+    cancel_requested: bool = False
+
+    @property
+    def quiescent(self) -> bool:
+        return self.handle is None or self.local_final
+
+
+@attrs.frozen
+class Complete:
+    """Every rank's shard arrived."""
+
+    at: float
+
+
+@attrs.frozen
+class Failed:
+    """Failed and quiescent."""
+
+    at: float
+    failure: Failure
+
+
+@attrs.frozen
+class Cancelled:
+    """Cancelled before advertise."""
+
+    at: float
+
+
+SessionData = Queued | Advertised | InFlight | Quarantined | Complete | Failed | Cancelled
+
+STATE_OF_DATA: dict[type, State] = {
+    Queued: State.QUEUED,
+    Advertised: State.ADVERTISED,
+    InFlight: State.IN_FLIGHT,
+    Quarantined: State.QUARANTINED,
+    Complete: State.COMPLETE,
+    Failed: State.FAILED,
+    Cancelled: State.CANCELLED,
+}
+
+
+@attrs.frozen
+class Transition:
+    """One entry of a session's history: at ``at``, ``event`` moved it ``from_state`` ->
+    ``to_state``. ``failure`` is set on transitions into ``QUARANTINED`` / ``FAILED``."""
+
+    at: float
+    from_state: State
+    to_state: State
+    event: Event
+    failure: Failure | None = None
+
+
+@attrs.frozen
+class SessionSnapshot:
+    """A read-only copy of a session at one moment (safe to hand to other code)."""
+
+    request_id: str
+    role: Role
+    peer: int
+    block_ids: tuple[int, ...]
+    state: State
+    failure: Failure | None
+    cancel_requested: bool
+    local_final: bool
+    deadline: float | None
+    history: tuple[Transition, ...]
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _check_time(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgumentError(name, value, "a finite number of seconds")
+    return float(value)
+
+
+def _check_timeout(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise InvalidArgumentError(name, value, "None (no deadline) or a positive number")
+    return float(value)
+
+
+def check_block_ids(block_ids: Iterable[int]) -> tuple[int, ...]:
+    """``block_ids`` as a tuple of distinct non-negative ints, or ``InvalidArgumentError``."""
+    ids = tuple(block_ids)
+    for block_id in ids:
+        if isinstance(block_id, bool) or not isinstance(block_id, int) or block_id < 0:
+            raise InvalidArgumentError("block_ids", ids, "non-negative int block ids")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgumentError("block_ids", ids, "distinct block ids")
+    return ids
+
+
+# --- building the next state's data ----------------------------------------------------------
+# One builder per (from state, event) that the table allows. A builder raises TransitionError
+# with a detail when a precondition on the data does not hold. They only build: nothing is
+# changed until every check has passed.
+
+_Builder = Callable[["TransferSession", Any, float, object | None, Failure | None], SessionData]
+
+
+def _refuse(session: TransferSession, event: Event, detail: str) -> TransitionError:
+    return TransitionError(session.request_id, session.state, event, detail)
+
+
+def _advertise(s: TransferSession, d: Queued, now: float, h: object, f: Failure | None) -> Any:
+    deadline = None if s.transfer_timeout_s is None else now + s.transfer_timeout_s
+    return Advertised(advertised_at=now, transfer_deadline=deadline)
+
+
+def _post(s: TransferSession, d: Advertised, now: float, h: object, f: Failure | None) -> Any:
+    return InFlight(handle=h, posted_at=now, transfer_deadline=d.transfer_deadline)
+
+
+def _local_done(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
+    if d.local_final:
+        raise _refuse(s, Event.HANDLE_DONE, "the local handle is already final")
+    return attrs.evolve(d, local_final=True)
+
+
+def _local_failed(s: TransferSession, d: InFlight, now: float, h: object,
+                  f: Failure | None) -> Any:
+    if d.local_final:
+        raise _refuse(s, Event.HANDLE_FAILED, "the local handle is already final")
+    return Failed(at=now, failure=f or Failure(FailureReason.TRANSPORT_ERROR))
+
+
+def _completed(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
+    if not d.local_final:
+        raise _refuse(s, Event.COMPLETED, "the local handle is not final yet (apply HANDLE_DONE)")
+    return Complete(at=now)
+
+
+def _cancel_queued(s: TransferSession, d: Queued, now: float, h: object,
+                   f: Failure | None) -> Any:
+    return Cancelled(at=now)
+
+
+def _cancel_advertised(s: TransferSession, d: Advertised, now: float, h: object,
+                       f: Failure | None) -> Any:
+    return Failed(at=now, failure=Failure(FailureReason.CANCELLED))
+
+
+def _request_cancel(s: TransferSession, d: Any, now: float, h: object, f: Failure | None) -> Any:
+    return attrs.evolve(d, cancel_requested=True)
+
+
+def _check_due(s: TransferSession, deadline: float | None, now: float) -> None:
+    if deadline is None or now < deadline:
+        raise _refuse(s, Event.EXPIRE, f"deadline {deadline} not reached at {now}")
+
+
+def _expire_queued(s: TransferSession, d: Queued, now: float, h: object,
+                   f: Failure | None) -> Any:
+    _check_due(s, d.queue_deadline, now)
+    return Failed(at=now, failure=f or Failure(FailureReason.QUEUE_TIMEOUT))
+
+
+def _expire_advertised(s: TransferSession, d: Advertised, now: float, h: object,
+                       f: Failure | None) -> Any:
+    _check_due(s, d.transfer_deadline, now)
+    return Quarantined(handle=None, since=now,
+                       failure=f or Failure(FailureReason.TRANSFER_TIMEOUT))
+
+
+def _expire_in_flight(s: TransferSession, d: InFlight, now: float, h: object,
+                      f: Failure | None) -> Any:
+    _check_due(s, d.transfer_deadline, now)
+    return Quarantined(handle=d.handle, since=now,
+                       failure=f or Failure(FailureReason.TRANSFER_TIMEOUT),
+                       local_final=d.local_final, cancel_requested=d.cancel_requested)
+
+
+def _abort_queued(s: TransferSession, d: Queued, now: float, h: object, f: Failure | None) -> Any:
+    assert f is not None  # apply() checked that ABORT carries a reason
+    return Failed(at=now, failure=f)
+
+
+def _abort_advertised(s: TransferSession, d: Advertised, now: float, h: object,
+                      f: Failure | None) -> Any:
+    assert f is not None
+    return Quarantined(handle=None, since=now, failure=f)
+
+
+def _abort_in_flight(s: TransferSession, d: InFlight, now: float, h: object,
+                     f: Failure | None) -> Any:
+    assert f is not None
+    return Quarantined(handle=d.handle, since=now, failure=f, local_final=d.local_final,
+                       cancel_requested=d.cancel_requested)
+
+
+def _keep(s: TransferSession, d: Any, now: float, h: object, f: Failure | None) -> Any:
+    return d
+
+
+def _settle_cancel(s: TransferSession, d: InFlight, now: float, h: object,
+                   f: Failure | None) -> Any:
+    if not (d.cancel_requested and d.local_final):
+        raise _refuse(s, Event.QUIESCED, "only a cancelled session with a final handle settles")
+    return Failed(at=now, failure=Failure(FailureReason.CANCELLED))
+
+
+def _quarantine_final(s: TransferSession, d: Quarantined, now: float, h: object,
+                      f: Failure | None) -> Any:
+    # A quarantined session's handle is always pending (a final one settles at once), and
+    # the reason that surfaced first stays the session's reason.
+    return Failed(at=now, failure=d.failure)
+
+
+def _settle_quarantine(s: TransferSession, d: Quarantined, now: float, h: object,
+                       f: Failure | None) -> Any:
+    if not d.quiescent:
+        raise _refuse(s, Event.QUIESCED, "the handle is not final yet")
+    return Failed(at=now, failure=d.failure)
+
+
+_BUILDERS: dict[tuple[State, Event], _Builder] = {
+    (State.QUEUED, Event.ADVERTISE): _advertise,
+    (State.QUEUED, Event.CANCEL): _cancel_queued,
+    (State.QUEUED, Event.EXPIRE): _expire_queued,
+    (State.QUEUED, Event.ABORT): _abort_queued,
+    (State.ADVERTISED, Event.POSTED): _post,
+    (State.ADVERTISED, Event.CANCEL): _cancel_advertised,
+    (State.ADVERTISED, Event.EXPIRE): _expire_advertised,
+    (State.ADVERTISED, Event.ABORT): _abort_advertised,
+    (State.IN_FLIGHT, Event.HANDLE_DONE): _local_done,
+    (State.IN_FLIGHT, Event.HANDLE_FAILED): _local_failed,
+    (State.IN_FLIGHT, Event.COMPLETED): _completed,
+    (State.IN_FLIGHT, Event.CANCEL): _request_cancel,
+    (State.IN_FLIGHT, Event.EXPIRE): _expire_in_flight,
+    (State.IN_FLIGHT, Event.ABORT): _abort_in_flight,
+    (State.IN_FLIGHT, Event.QUIESCED): _settle_cancel,
+    (State.QUARANTINED, Event.HANDLE_DONE): _quarantine_final,
+    (State.QUARANTINED, Event.HANDLE_FAILED): _quarantine_final,
+    (State.QUARANTINED, Event.CANCEL): _request_cancel,
+    (State.QUARANTINED, Event.ABORT): _keep,  # already failed: the first reason travels
+    (State.QUARANTINED, Event.QUIESCED): _settle_quarantine,
+}
+
+# Which events take which keyword arguments of apply().
+_TAKES_HANDLE = frozenset({Event.POSTED})
+_TAKES_REASON = frozenset({Event.ABORT, Event.HANDLE_FAILED, Event.EXPIRE})
+_NEEDS_REASON = frozenset({Event.ABORT})
+
+
+def _waits_only_for_quiescence(data: SessionData) -> bool:
+    """The state-triggered rule (see the table's theory of operation)."""
+    if isinstance(data, Quarantined):
+        return data.quiescent
+    if isinstance(data, InFlight):
+        return data.cancel_requested and data.local_final
+    return False
+
+
+@attrs.define(eq=False)
+class TransferSession:
+    """One request's transfer on this rank.
+
+    ``data`` is the per-state record; ``state`` is derived from its type. ``history`` lists
+    every transition, oldest first. Create with ``TransferSession.admit``; change only with
+    ``apply`` (a ``SessionTable`` does both and keeps its indexes in step).
+    """
+
+    request_id: str
+    role: Role
+    peer: int
+    block_ids: tuple[int, ...]
+    queue_timeout_s: float | None
+    transfer_timeout_s: float | None
+    data: SessionData
+    _history: list[Transition] = attrs.field(factory=list)
+
+    @classmethod
+    def admit(
+        cls,
+        request_id: str,
+        role: Role,
+        peer: int,
+        block_ids: Iterable[int],
+        now: float,
+        *,
+        queue_timeout_s: float | None = None,
+        transfer_timeout_s: float | None = None,
+    ) -> TransferSession:
+        """A new ``QUEUED`` session. ``queue_timeout_s`` bounds the wait before advertise
+        (from now), ``transfer_timeout_s`` the transfer (from advertise); None = no bound."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidArgumentError("request_id", request_id, "a non-empty str")
+        if not isinstance(role, Role):
+            raise InvalidArgumentError("role", role, "Role.SENDER or Role.RECEIVER")
+        if isinstance(peer, bool) or not isinstance(peer, int) or peer < 0:
+            raise InvalidArgumentError("peer", peer, "a non-negative int rank")
+        now = _check_time("now", now)
+        queue_timeout = _check_timeout("queue_timeout_s", queue_timeout_s)
+        transfer_timeout = _check_timeout("transfer_timeout_s", transfer_timeout_s)
+        deadline = None if queue_timeout is None else now + queue_timeout
+        return cls(
+            request_id=request_id,
+            role=role,
+            peer=peer,
+            block_ids=check_block_ids(block_ids),
+            queue_timeout_s=queue_timeout,
+            transfer_timeout_s=transfer_timeout,
+            data=Queued(admitted_at=now, queue_deadline=deadline),
+        )
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return STATE_OF_DATA[type(self.data)]
+
+    @property
+    def history(self) -> tuple[Transition, ...]:
+        return tuple(self._history)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.is_terminal
+
+    @property
+    def handle(self) -> object | None:
+        """The posted operation's handle while one may still be pending or awaiting
+        agreement (``IN_FLIGHT``, ``QUARANTINED``), else None."""
+        return getattr(self.data, "handle", None)
+
+    @property
+    def local_final(self) -> bool:
+        return bool(getattr(self.data, "local_final", False))
+
+    @property
+    def cancel_requested(self) -> bool:
+        return bool(getattr(self.data, "cancel_requested", False))
+
+    @property
+    def quiescent(self) -> bool:
+        """True when no operation posted by this rank can still touch the blocks."""
+        return self.handle is None or self.local_final
+
+    @property
+    def failure(self) -> Failure | None:
+        """Set in ``QUARANTINED`` and ``FAILED``."""
+        return getattr(self.data, "failure", None)
+
+    @property
+    def deadline(self) -> float | None:
+        """The deadline that ``EXPIRE`` answers to in the current state (queue deadline while
+        ``QUEUED``, transfer deadline while ``ADVERTISED`` / ``IN_FLIGHT``), else None."""
+        if isinstance(self.data, Queued):
+            return self.data.queue_deadline
+        if isinstance(self.data, (Advertised, InFlight)):
+            return self.data.transfer_deadline
+        return None
+
+    def snapshot(self) -> SessionSnapshot:
+        return SessionSnapshot(
+            request_id=self.request_id,
+            role=self.role,
+            peer=self.peer,
+            block_ids=self.block_ids,
+            state=self.state,
+            failure=self.failure,
+            cancel_requested=self.cancel_requested,
+            local_final=self.local_final,
+            deadline=self.deadline,
+            history=self.history,
+        )
+
+    # --- changing --------------------------------------------------------------------------
+
+    def apply(
+        self,
+        event: Event,
+        now: float,
+        *,
+        handle: object | None = None,
+        reason: FailureReason | str | None = None,
+        detail: str | None = None,
+    ) -> tuple[Transition, ...]:
+        """Apply ``event`` at time ``now`` and return the transitions made (one, or two when
+        the new state at once fires ``QUIESCED``), each appended to ``history``.
+
+        ``handle`` is required with ``POSTED`` and refused elsewhere. ``reason`` (a
+        ``FailureReason`` or its value) is required with ``ABORT`` and optional with
+        ``HANDLE_FAILED`` (default ``transport_error``) and ``EXPIRE`` (default
+        ``queue_timeout`` / ``transfer_timeout``). An illegal event raises ``TransitionError``,
+        a bad argument ``InvalidArgumentError``; either way the session is unchanged.
+        """
+        if not isinstance(event, Event):
+            raise InvalidArgumentError("event", event, "an Event member")
+        from_state = self.state
+        to_state = next_state(self.request_id, from_state, event)
+        now = _check_time("now", now)
+        if self._history and now < self._history[-1].at:
+            raise InvalidArgumentError(
+                "now", now, f"a time not before the last transition ({self._history[-1].at})"
+            )
+        if (handle is not None) != (event in _TAKES_HANDLE):
+            raise InvalidArgumentError(
+                "handle", handle, "a handle with POSTED (and only with POSTED)"
+            )
+        if reason is None and event in _NEEDS_REASON:
+            raise InvalidArgumentError("reason", reason, f"a FailureReason with {event.name}")
+        if (reason is not None or detail is not None) and event not in _TAKES_REASON:
+            raise InvalidArgumentError(
+                "reason", reason, "no reason or detail except with ABORT, HANDLE_FAILED, EXPIRE"
+            )
+        failure = None
+        if reason is not None:
+            try:
+                failure = Failure(FailureReason(reason), detail)
+            except ValueError:
+                raise InvalidArgumentError(
+                    "reason", reason, "one of " + ", ".join(r.value for r in FailureReason)
+                ) from None
+        elif detail is not None:
+            raise InvalidArgumentError("detail", detail, "a detail only together with a reason")
+
+        data = _BUILDERS[(from_state, event)](self, self.data, now, handle, failure)
+        made = [Transition(now, from_state, to_state, event, getattr(data, "failure", None))]
+        # State-triggered: a session that only waits for quiescence and has it settles now.
+        if _waits_only_for_quiescence(data):
+            settled_from = to_state
+            settled_to = next_state(self.request_id, settled_from, Event.QUIESCED)
+            data = _BUILDERS[(settled_from, Event.QUIESCED)](self, data, now, None, None)
+            made.append(Transition(now, settled_from, settled_to, Event.QUIESCED,
+                                   getattr(data, "failure", None)))
+        self.data = data
+        self._history.extend(made)
+        return tuple(made)

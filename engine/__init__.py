@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvhandoff.engine.errors import (
     DoubleFreeError,
+    EngineClosedError,
+    EngineConfigError,
+    EngineError,
+    LayerReadyError,
     NotOwnerError,
     OutOfBlocksError,
     PinError,
@@ -18,22 +22,47 @@ from kvhandoff.engine.errors import (
     PoolConfigError,
     PoolError,
     PoolInvariantError,
+    TransferCancelled,
+    TransferError,
+    TransferFailed,
+    TransferTimeout,
     UnknownBlockError,
 )
 
 if TYPE_CHECKING:
+    from kvhandoff.engine._engine import (
+        DrainReport,
+        EngineConfig,
+        EngineStats,
+        TransferEngine,
+        TransferHandle,
+        TransferResult,
+    )
     from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
 
 # Public name -> the module that defines it, for the names that pull in torch.
 _LAZY: dict[str, str] = {
     "BlockPool": "kvhandoff.engine.pool",
     "POISON_BLOCK_BYTE": "kvhandoff.engine.pool",
+    "DrainReport": "kvhandoff.engine._engine",
+    "EngineConfig": "kvhandoff.engine._engine",
+    "EngineStats": "kvhandoff.engine._engine",
+    "TransferEngine": "kvhandoff.engine._engine",
+    "TransferHandle": "kvhandoff.engine._engine",
+    "TransferResult": "kvhandoff.engine._engine",
 }
 
 __all__ = [
     "POISON_BLOCK_BYTE",
     "BlockPool",
     "DoubleFreeError",
+    "DrainReport",
+    "EngineClosedError",
+    "EngineConfig",
+    "EngineConfigError",
+    "EngineError",
+    "EngineStats",
+    "LayerReadyError",
     "NotOwnerError",
     "OutOfBlocksError",
     "PinError",
@@ -41,6 +70,13 @@ __all__ = [
     "PoolConfigError",
     "PoolError",
     "PoolInvariantError",
+    "TransferCancelled",
+    "TransferEngine",
+    "TransferError",
+    "TransferFailed",
+    "TransferHandle",
+    "TransferResult",
+    "TransferTimeout",
     "UnknownBlockError",
 ]
 

@@ -150,3 +150,68 @@ class PoolInvariantError(PoolError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.problems, self.block_ids))
+
+
+# --- the transfer engine ---------------------------------------------------------------------
+
+
+class EngineError(Exception):
+    """Base class of the errors the transfer engine raises to its caller."""
+
+
+class EngineConfigError(EngineError, ValueError):
+    """A bad argument or configuration value (``name``, ``value``, what was ``expected``);
+    raised where it is given, before anything changes."""
+
+    def __init__(self, name: str, value: Any, expected: str) -> None:
+        self.name = name
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{name}={value!r} is invalid: expected {expected}")
+
+
+class EngineClosedError(EngineError, RuntimeError):
+    """The engine is draining or closed and admits no new transfer (``request_id``)."""
+
+    def __init__(self, request_id: str, detail: str = "the engine is closed") -> None:
+        self.request_id = request_id
+        self.detail = detail
+        super().__init__(f"{request_id!r}: {detail}; create a new engine to transfer more")
+
+
+class LayerReadyError(EngineError, ValueError):
+    """``layer_ready(layer)`` on a handle that cannot take it (not a layer-wise send, an
+    index out of range, or a layer already marked)."""
+
+    def __init__(self, request_id: str, layer: Any, expected: str) -> None:
+        self.request_id = request_id
+        self.layer = layer
+        self.expected = expected
+        super().__init__(f"layer_ready({layer!r}) on {request_id!r}: expected {expected}")
+
+
+class TransferError(EngineError):
+    """A transfer did not complete. ``reason`` is a ``FailureReason`` value (``peer_lost``,
+    ``transfer_timeout``, ...), ``detail`` free text (for a failure on another TP rank or on
+    the peer, which rank and why). The blocks stay pinned until the transport is quiescent:
+    freeing them is always safe (the pool defers it)."""
+
+    def __init__(self, request_id: str, reason: str, detail: str | None = None) -> None:
+        self.request_id = request_id
+        self.reason = reason
+        self.detail = detail
+        text = f"transfer {request_id!r} failed: {reason}"
+        super().__init__(f"{text} ({detail})" if detail else text)
+
+
+class TransferTimeout(TransferError):
+    """The queue deadline (before the handshake) or the transfer deadline (after it)
+    passed. Check the peer's health and the ``kvhandoff analyze`` report of both sides."""
+
+
+class TransferFailed(TransferError):
+    """The transport, the peer or another rank of the TP group failed the transfer."""
+
+
+class TransferCancelled(TransferError):
+    """The transfer was cancelled (by this host, by the peer, or on another TP rank)."""

@@ -1,401 +1,637 @@
-"""``kvhandoff demo``: a scripted walk-through of transfer session lifecycles.
+"""``kvhandoff demo``: a simulated disaggregated serving run over the real transfer engine.
 
-Two ranks live in this process: a prefill rank that sends and a decode rank that receives.
-Each has its own real ``SessionTable``, ``BlockPool`` (debug mode: freed blocks are poisoned)
-and ``HealthMonitor``. A scripted link stands in for the transport: the script decides when
-an operation completes, fails or stays wedged, and a completed transfer really copies the KV
-blocks from the prefill pool into the decode pool. Scenes: the happy path, a cancel in each
-state, a queue timeout, and a wedged link that quarantines transfers, turns health red, asks
-for a restart and recovers. Every line printed is read off the real objects.
+Four ranks: ranks 0 and 1 are the prefill TP group, ranks 2 and 3 the decode TP group (TP=2
+each), and prefill rank ``r`` sends its shard of every request's KV to decode rank ``r + 2``.
+By default all four ranks are ``TransferEngine`` instances in this process, in one anyio event
+loop, over the loopback transport and in-process TP groups; ``--backend mpi`` runs one rank per
+process under ``mpiexec -n 4`` (MPITransport over COMM_WORLD, TP groups split from it).
 
-It ends with the books: every session released, every block back on both free lists, pool
-``check()`` passing, every free block still poisoned. Exit code 0 only if nothing leaked.
+Every rank walks the same request list (deterministic from ``--seed``), at most
+``--concurrency`` requests at a time. Prefill writes each request's KV shard (bytes drawn
+from a generator seeded by seed, request and TP rank), sends it and frees its blocks right
+after ``send()`` (the pool defers the free until the transfer is quiescent); every
+``--layerwise-every``-th request is sent layer by layer as prefill "produces" the layers.
+Decode allocates, receives, regenerates the expected bytes and compares every block byte for
+byte, then frees.
+
+The pools run in debug mode: a freed block is poisoned, so a block that a transfer touched
+after its free is caught (``PoisonError`` when it is allocated again, or ``assert_poisoned``
+at the end). Exit code 0 only when no block leaked, none was written after its free, every
+received block matched and, without ``--faults``, every request succeeded. With ``--faults``
+each transport is wrapped in a seeded ``FaultyTransport`` (errors, stuck operations that end
+by cancel, delays): failed requests are expected and reported by reason, the books must
+still balance. (Under ``--backend mpi`` a layer-wise transfer failed half-way can leave the
+sender's already-posted layer sends pending for good, as MPI cannot cancel a send; the demo
+reports those blocks as leaked and exits 1.) Bad options exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import math
+import random
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from kvhandoff.sessions import (
-    CancelResult,
-    Event,
-    FailureReason,
-    HealthMonitor,
-    HealthPolicy,
-    Role,
-    SessionTable,
-    Transition,
-)
+import attrs
 
 if TYPE_CHECKING:
+    import torch
+    from kvhandoff.engine import TransferEngine
     from kvhandoff.engine.pool import BlockPool
 
-QUEUE_TIMEOUT_S = 30.0
-TRANSFER_TIMEOUT_S = 10.0
-POLICY = HealthPolicy(quarantine_budget=1, progress_deadline_s=15.0, restart_grace_s=20.0)
+WORLD = 4  # two prefill ranks, then two decode ranks
+TP = 2
+OK = "ok"
+CORRUPT = "corrupt"  # the received bytes differ from what prefill wrote
+POISONED = "poisoned_block"  # a block was written after its free: this rank stopped here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", type=int, default=32, metavar="N",
-                        help="KV blocks per rank (default: 32; at least 3)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="print only the scene titles and the final books")
+    parser.add_argument("--backend", choices=("embedded", "mpi"), default="embedded",
+                        help="embedded: 4 in-process ranks over loopback (default); mpi: one "
+                             "rank per process, run under `mpiexec -n 4`")
+    parser.add_argument("--requests", type=int, default=8, metavar="N",
+                        help="requests to move (default: 8)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N",
+                        help="requests in flight at a time on each rank (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of requests, KV and faults")
+    parser.add_argument("--blocks", type=int, default=192, metavar="N",
+                        help="KV blocks per rank's pool (default: 192, i.e. 192 MiB with the "
+                             "default shape); at least one request's worth")
+    parser.add_argument("--layers", type=int, default=32, help="model layers (default: 32)")
+    parser.add_argument("--kv-heads", type=int, default=8,
+                        help="KV heads of the model, split over TP=2 (default: 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default: 128)")
+    parser.add_argument("--block-tokens", type=int, default=16,
+                        help="tokens per KV block (default: 16)")
+    parser.add_argument("--min-tokens", type=int, default=128,
+                        help="shortest prompt (default: 128)")
+    parser.add_argument("--max-tokens", type=int, default=2048,
+                        help="longest prompt (default: 2048)")
+    parser.add_argument("--layerwise-every", type=int, default=4, metavar="K",
+                        help="send every K-th request layer by layer; 0: never (default: 4)")
+    parser.add_argument("--faults", action="store_true",
+                        help="inject transport faults (seeded errors, stuck operations, "
+                             "delays); failures are reported, leaks must still be 0")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="write per-rank logs rank-<N>.jsonl here (for `kvhandoff analyze`)")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads per process (default: 1: the ranks' copies "
+                             "are small and the ranks share the cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class _ConsoleLogger:
-    """A structlog-style logger (``info(event, **keys)``) that prints key=value lines."""
-
-    def __init__(self, say: Callable[[str], None], rank: str) -> None:
-        self._say = say
-        self._rank = rank
-
-    def info(self, event: str, **keys: Any) -> None:
-        fields = " ".join(f"{key}={value}" for key, value in keys.items())
-        self._say(f"      {self._rank:<7} {event} {fields}")
+# --- the plan ------------------------------------------------------------------------------
 
 
-class _LinkOp:
-    """One posted operation on the scripted link: ``pending`` until the script resolves it."""
+@attrs.frozen
+class Request:
+    """One request of the plan: ``blocks`` KV blocks on every rank, sent layer-wise or not."""
 
-    def __init__(self, request_id: str, role: Role) -> None:
-        self.request_id = request_id
-        self.role = role
-        self.state = "pending"
+    index: int
+    request_id: str
+    tokens: int
+    blocks: int
+    layerwise: bool
 
-    def __repr__(self) -> str:
-        return f"<{self.role.value} op {self.request_id} {self.state}>"
+
+@attrs.frozen
+class Plan:
+    """Everything every rank must agree on, derived from the command line alone."""
+
+    requests: tuple[Request, ...]
+    concurrency: int
+    seed: int
+    num_blocks: int
+    layers: int
+    kv_heads: int  # per rank (the TP shard)
+    head_dim: int
+    block_tokens: int
+    faults: bool
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block across every layer, K and V."""
+        return 2 * self.layers * self.tensor_block_nbytes
+
+    @property
+    def tensor_block_nbytes(self) -> int:
+        """Bytes of one block of one K or V tensor (bf16)."""
+        return self.block_tokens * self.kv_heads * self.head_dim * 2
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The request list and geometry; ``ValueError`` naming the option when one is bad."""
+    positive = ("requests", "concurrency", "blocks", "layers", "kv_heads", "head_dim",
+                "block_tokens", "min_tokens", "max_tokens", "torch_threads")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.kv_heads % TP:
+        raise ValueError(f"--kv-heads must be divisible by the TP size {TP}")
+    if args.min_tokens > args.max_tokens:
+        raise ValueError("--min-tokens must not exceed --max-tokens")
+    if args.layerwise_every < 0:
+        raise ValueError("--layerwise-every must be 0 (never) or more")
+    most = math.ceil(args.max_tokens / args.block_tokens)
+    if args.blocks < most:
+        raise ValueError(f"--blocks must be at least {most} (one {args.max_tokens}-token "
+                         f"request at {args.block_tokens} tokens per block)")
+    rng = random.Random(args.seed)
+    requests = []
+    for index in range(args.requests):
+        tokens = rng.randint(args.min_tokens, args.max_tokens)
+        layerwise = args.layerwise_every > 0 and index % args.layerwise_every == \
+            args.layerwise_every - 1
+        requests.append(Request(index, f"req-{args.seed}-{index}", tokens,
+                                math.ceil(tokens / args.block_tokens), layerwise))
+    return Plan(tuple(requests), args.concurrency, args.seed, args.blocks, args.layers,
+                args.kv_heads // TP, args.head_dim, args.block_tokens, args.faults)
+
+
+def _engine_config(plan: Plan) -> Any:
+    from kvhandoff.engine import EngineConfig
+
+    if plan.faults:  # stuck operations end at the transfer deadline: keep it short
+        return EngineConfig(queue_timeout_s=10.0, transfer_timeout_s=2.0, lease_s=10.0,
+                            drain_timeout_s=20.0)
+    return EngineConfig(queue_timeout_s=60.0, transfer_timeout_s=60.0, drain_timeout_s=20.0)
+
+
+def _wrap_faulty(transport: Any, plan: Plan, rank: int) -> Any:
+    if not plan.faults:
+        return transport
+    from kvhandoff.engine.transports import FaultyTransport
+
+    return FaultyTransport(transport, seed=plan.seed * 1009 + rank, error_rate=0.03,
+                           stuck_rate=0.03, delay_rate=0.25, delay_s=0.005)
+
+
+# --- one rank ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RankSummary:
+    """What one rank saw; picklable, gathered to rank 0 under MPI."""
+
+    rank: int
+    role: str
+    outcomes: dict[int, str]  # request index -> OK, CORRUPT or a failure reason
+    latencies: tuple[float, ...]  # decode: seconds from receive() to its result
+    bytes_verified: int
+    mismatched_blocks: int
+    healthy: bool
+    health_reason: str | None
+    restart_requested: bool
+    quarantines: int
+    leaked_blocks: int
+    early_freed_blocks: int
+    pool_problems: tuple[str, ...]
+    drain_left: int
+    faults_injected: dict[str, int]
 
 
 class _Rank:
-    """One rank's real state: its sessions, its KV pool, its health."""
+    """One rank's host: allocates, writes or verifies KV, and drives its engine."""
 
-    def __init__(self, name: str, role: Role, pool: BlockPool, now: float) -> None:
-        self.name = name
-        self.role = role
-        self.pool = pool
-        self.table = SessionTable()
-        self.monitor = HealthMonitor.start(POLICY, now)
-        self.ops: dict[str, _LinkOp] = {}
-        self.held: dict[str, list[int]] = {}  # blocks the host holds, by request
-
-    @property
-    def peer(self) -> int:
-        return 1 if self.role is Role.SENDER else 0
-
-
-class _Walkthrough:
-    def __init__(self, num_blocks: int, out: TextIO, quiet: bool) -> None:
+    def __init__(self, plan: Plan, rank: int, pool: BlockPool, engine: TransferEngine,
+                 on_done: Callable[[int], None]) -> None:
         import torch
-        from kvhandoff.engine.pool import BlockPool
 
         self.torch = torch
-        self.now = 0.0
-        self.quiet = quiet
-        self.out = out
-        geometry = {"num_layers": 2, "block_tokens": 4, "kv_heads": 2, "head_dim": 8,
-                    "dtype": torch.float32, "device": "cpu", "debug": True}
-        self.prefill = _Rank("prefill", Role.SENDER, BlockPool(
-            num_blocks, logger=_ConsoleLogger(self.detail, "prefill"), **geometry),
-            self.now)
-        self.decode = _Rank("decode", Role.RECEIVER, BlockPool(
-            num_blocks, logger=_ConsoleLogger(self.detail, "decode"), **geometry),
-            self.now)
-        self.generator = torch.Generator().manual_seed(0)
-        self.problems: list[str] = []
+        self.plan = plan
+        self.rank = rank
+        self.tp_rank = rank % TP
+        self.prefill = rank < TP
+        self.peer = rank + TP if self.prefill else rank - TP
+        self.pool = pool
+        self.engine = engine
+        self.on_done = on_done
+        self.outcomes: dict[int, str] = {}
+        self.latencies: list[float] = []
+        self.bytes_verified = 0
+        self.mismatched_blocks = 0
+        self.early_freed: set[int] = set()
+        self._scratch: dict[str, torch.Tensor] = {}
 
-    # --- output ----------------------------------------------------------------------------
-
-    def title(self, text: str) -> None:
-        print(f"\n== {text}", file=self.out)
-
-    def detail(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=self.out)
-
-    def show(self, rank: _Rank, request_id: str, made: tuple[Transition, ...]) -> None:
-        for t in made:
-            reason = f"  reason={t.failure.reason.value}" if t.failure else ""
-            self.detail(f"  t={t.at:6.1f}s {rank.name:<7} {request_id:<14} "
-                        f"{t.from_state.name:>11} -> {t.to_state.name:<11} "
-                        f"({t.event.name}){reason}")
-
-    # --- host and engine steps -------------------------------------------------------------
-
-    def admit(self, rank: _Rank, request_id: str, n: int) -> list[int]:
-        """The host allocates blocks; the engine pins them and opens a session."""
-        block_ids = rank.pool.alloc(n, owner=request_id)
-        if rank.role is Role.SENDER:  # prefill output: something to check on arrival
-            for layer in rank.pool.layers:
-                layer[self.torch.tensor(block_ids)] = self.torch.randn(
-                    (n, *layer.shape[1:]), generator=self.generator)
-        rank.pool.pin(block_ids, request_id)
-        rank.table.admit(request_id, rank.role, rank.peer, block_ids, self.now,
-                         queue_timeout_s=QUEUE_TIMEOUT_S, transfer_timeout_s=TRANSFER_TIMEOUT_S)
-        rank.held[request_id] = block_ids
-        self.detail(f"  t={self.now:6.1f}s {rank.name:<7} {request_id:<14} admitted, "
-                    f"blocks {block_ids} pinned")
-        return block_ids
-
-    def apply(self, rank: _Rank, request_id: str, event: Event, **kw: Any) -> None:
-        self.show(rank, request_id, rank.table.apply(request_id, event, self.now, **kw))
-
-    def advertise(self, request_id: str) -> None:
-        """The handshake: both sides now know each other's block ids."""
-        for rank in (self.decode, self.prefill):
-            self.apply(rank, request_id, Event.ADVERTISE)
-
-    def post(self, rank: _Rank, request_id: str) -> None:
-        op = _LinkOp(request_id, rank.role)
-        rank.ops[request_id] = op
-        self.apply(rank, request_id, Event.POSTED, handle=op)
-
-    def deliver(self, request_id: str) -> None:
-        """The link moves the data and both operations finish."""
-        src = self.prefill.table.get(request_id).block_ids
-        dst = self.decode.table.get(request_id).block_ids
+    def kv_bytes(self, request: Request, scratch: str | None = None) -> torch.Tensor:
+        """The request's KV shard on this TP rank, tensor-major as ``cuda_ext.gather`` packs
+        it. Each 16 KiB tensor block is a random tile plus a random per-block offset, so a
+        block in the wrong place or a stale byte shows, at a fraction of the cost of drawing
+        every byte. With ``scratch`` the bytes go to this rank's reusable buffer of that name
+        (valid until the next call with that name: use it before the next ``await``)."""
         torch = self.torch
-        for send_layer, recv_layer in zip(self.prefill.pool.layers, self.decode.pool.layers,
-                                          strict=True):
-            recv_layer[torch.tensor(dst)] = send_layer[torch.tensor(src)]
-        for rank in (self.prefill, self.decode):
-            self.finish_op(rank, request_id, ok=True)
-
-    def finish_op(self, rank: _Rank, request_id: str, *, ok: bool) -> None:
-        op = rank.ops.pop(request_id)
-        op.state = "done" if ok else "failed"
-        rank.monitor.record_progress(self.now, completions=1)
-        if ok:
-            self.apply(rank, request_id, Event.HANDLE_DONE)
+        plan = self.plan
+        words = plan.tensor_block_nbytes // 8
+        generator = torch.Generator().manual_seed(
+            (plan.seed * 1_000_003 + request.index) * 16 + self.tp_rank)
+        tile = torch.empty(words, dtype=torch.int64).random_(generator=generator)
+        offsets = torch.empty((2 * plan.layers, request.blocks, 1),
+                              dtype=torch.int64).random_(generator=generator)
+        shape = (2 * plan.layers, request.blocks, words)
+        if scratch is None:
+            out = torch.empty(shape, dtype=torch.int64)
         else:
-            self.apply(rank, request_id, Event.HANDLE_FAILED,
-                       reason=FailureReason.TRANSPORT_ERROR, detail="link reset")
+            nbytes = request.blocks * plan.block_nbytes
+            out = self.scratch(scratch, nbytes).view(torch.int64).view(shape)
+        torch.add(offsets, tile, out=out)
+        return out.view(torch.uint8).view(-1)
 
-    def cancel(self, rank: _Rank, request_id: str, *, cancellable: bool = True) -> CancelResult:
-        health = rank.monitor.health
-        healthy = health.healthy if health is not None else True
-        session = rank.table.find(request_id)
-        state = session.state.name if session is not None else "not in the table"
-        seen = len(session.history) if session is not None else 0
-        result = rank.table.cancel(request_id, healthy=healthy, cancellable=cancellable,
-                                   now=self.now)
-        self.detail(f"  t={self.now:6.1f}s {rank.name:<7} {request_id:<14} cancel() in "
-                    f"{state} -> {result.name} (safe_to_free={result.safe_to_free})")
-        if session is not None:
-            self.show(rank, request_id, session.history[seen:])
-        return result
+    def scratch(self, name: str, nbytes: int) -> torch.Tensor:
+        """A reusable uint8 buffer of ``nbytes``: fresh buffers of tens of MiB per request
+        cost page faults that dominate a run on a busy machine."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch[name] = self.torch.empty(
+                max(nbytes, self.plan.num_blocks * self.plan.block_nbytes // 4),
+                dtype=self.torch.uint8)
+        return buf[:nbytes]
 
-    def host_free(self, rank: _Rank, request_id: str) -> None:
-        """The host frees its blocks whenever it likes; pinned ones are deferred."""
-        block_ids = rank.held.pop(request_id)
-        released = rank.pool.free(block_ids, owner=request_id)
-        deferred = sorted(set(block_ids) - set(released))
-        self.detail(f"  t={self.now:6.1f}s {rank.name:<7} {request_id:<14} host free(): "
-                    f"{len(released)} back now, {len(deferred)} deferred")
+    async def alloc(self, request: Request) -> list[int]:
+        """Blocks for ``request``, waiting while the pool is short (blocks come back as
+        earlier transfers go quiescent)."""
+        import anyio
+        from kvhandoff.engine.errors import OutOfBlocksError, PoisonError
 
-    def tick(self, seconds: float = 0.0) -> None:
-        """What the engine loop does each tick, on both ranks."""
-        self.now += seconds
-        for rank in (self.prefill, self.decode):
-            for session, made in rank.table.expire_due(self.now):
-                self.show(rank, session.request_id, made)
-            health = rank.monitor.update(self.now, in_flight=rank.table.in_flight,
-                                         quarantined=rank.table.quarantined)
-            if rank.monitor.changed:
-                state = "healthy" if health.healthy else f"UNHEALTHY ({health.reason})"
-                restart = ", RESTART REQUESTED" if rank.monitor.restart_requested else ""
-                self.detail(f"  t={self.now:6.1f}s {rank.name:<7} health: {state}, "
-                            f"quarantined {health.quarantined}/{health.quarantine_budget}, "
-                            f"in flight {health.in_flight}, "
-                            f"{health.seconds_since_progress:.1f}s since progress{restart}")
-            for session in rank.table.pop_releasable():
-                released = rank.pool.unpin_all(session.request_id)
-                self.detail(f"  t={self.now:6.1f}s {rank.name:<7} {session.request_id:<14} "
-                            f"released ({session.state.name}); {len(released)} deferred "
-                            "blocks back on the free list")
-
-    def expect(self, what: str, ok: bool) -> None:
-        if not ok:
-            self.problems.append(what)
-            print(f"  !! {what}", file=self.out)
-
-    # --- scenes ----------------------------------------------------------------------------
-
-    def scene_happy_path(self) -> None:
-        self.title("happy path: queued -> advertised -> in flight -> complete")
-        rid = "req-happy"
-        self.admit(self.prefill, rid, 3)
-        self.admit(self.decode, rid, 3)
-        self.tick(1.0)
-        self.advertise(rid)
-        self.tick(1.0)
-        self.post(self.decode, rid)
-        self.post(self.prefill, rid)
-        self.tick(2.0)
-        self.deliver(rid)
-        for rank in (self.prefill, self.decode):
-            self.apply(rank, rid, Event.COMPLETED)
-        src, dst = (self.prefill.table.get(rid).block_ids, self.decode.table.get(rid).block_ids)
-        same = all(
-            self.torch.equal(a[self.torch.tensor(src)], b[self.torch.tensor(dst)])
-            for a, b in zip(self.prefill.pool.layers, self.decode.pool.layers, strict=True))
-        self.detail(f"  decode blocks {list(dst)} hold the prefill KV: {same}")
-        self.expect("happy path: the KV arrived intact", same)
-        self.tick(0.5)
-        self.expect("cancel after release is NOT_FOUND",
-                    self.cancel(self.prefill, rid) is CancelResult.NOT_FOUND)
-        self.host_free(self.prefill, rid)
-        self.host_free(self.decode, rid)  # decoding done
-
-    def scene_cancel_queued(self) -> None:
-        self.title("cancel while QUEUED: nobody outside saw the blocks, free at once")
-        rid = "req-cq"
-        self.admit(self.prefill, rid, 2)
-        result = self.cancel(self.prefill, rid)
-        self.expect("QUEUED cancel is CANCELLED_BEFORE_ADVERTISE",
-                    result is CancelResult.CANCELLED_BEFORE_ADVERTISE)
-        self.tick(0.5)
-        self.host_free(self.prefill, rid)
-
-    def scene_cancel_advertised(self) -> None:
-        self.title("cancel while ADVERTISED: the peer is told, nothing was posted")
-        rid = "req-ca"
-        self.admit(self.prefill, rid, 2)
-        self.admit(self.decode, rid, 2)
-        self.advertise(rid)
-        result = self.cancel(self.decode, rid)
-        self.expect("ADVERTISED cancel is CANCEL_REQUESTED_IN_FLIGHT",
-                    result is CancelResult.CANCEL_REQUESTED_IN_FLIGHT)
-        self.host_free(self.decode, rid)
-        # the cancel travels to the peer as a failure with the reason "cancelled"
-        self.apply(self.prefill, rid, Event.ABORT, reason=FailureReason.CANCELLED)
-        self.tick(0.5)
-        self.host_free(self.prefill, rid)
-
-    def scene_cancel_in_flight(self) -> None:
-        self.title("cancel while IN_FLIGHT: blocks stay pinned until the link lets go")
-        rid = "req-cf"
-        self.admit(self.prefill, rid, 2)
-        self.admit(self.decode, rid, 2)
-        self.advertise(rid)
-        self.post(self.decode, rid)
-        self.post(self.prefill, rid)
-        result = self.cancel(self.decode, rid)
-        self.expect("IN_FLIGHT cancel is CANCEL_REQUESTED_IN_FLIGHT",
-                    result is CancelResult.CANCEL_REQUESTED_IN_FLIGHT)
-        self.host_free(self.decode, rid)  # deferred: the receive is still posted
-        self.apply(self.prefill, rid, Event.ABORT, reason=FailureReason.CANCELLED)
-        self.tick(1.0)
-        self.expect("nothing released while the operations are pending",
-                    self.decode.pool.num_deferred == 2)
-        self.finish_op(self.decode, rid, ok=True)  # the link honours the cancel
-        self.finish_op(self.prefill, rid, ok=True)
-        self.tick(0.5)
-        self.host_free(self.prefill, rid)
-
-    def scene_not_cancellable_and_finished(self) -> None:
-        self.title("a transport that cannot cancel, then cancel after the end")
-        rid = "req-nc"
-        self.admit(self.prefill, rid, 1)
-        self.admit(self.decode, rid, 1)
-        self.advertise(rid)
-        self.post(self.decode, rid)
-        self.post(self.prefill, rid)
-        result = self.cancel(self.decode, rid, cancellable=False)
-        self.expect("a posted op the transport cannot cancel is NOT_CANCELLABLE",
-                    result is CancelResult.NOT_CANCELLABLE)
-        self.deliver(rid)
-        for rank in (self.prefill, self.decode):
-            self.apply(rank, rid, Event.COMPLETED)
-        self.expect("cancel of a complete session is ALREADY_COMPLETE",
-                    self.cancel(self.decode, rid) is CancelResult.ALREADY_COMPLETE)
-        self.tick(0.5)
-        self.host_free(self.prefill, rid)
-        self.host_free(self.decode, rid)
-
-    def scene_queue_timeout(self) -> None:
-        self.title("queue timeout: waiting too long before advertise fails at once")
-        rid = "req-qt"
-        self.admit(self.decode, rid, 1)
-        self.tick(QUEUE_TIMEOUT_S)
-        self.host_free(self.decode, rid)
-
-    def scene_quarantine(self) -> None:
-        self.title("a wedged link: quarantine, health, restart request, recovery")
-        rids = ("req-wedge-1", "req-wedge-2")
-        for rid in rids:
-            self.admit(self.prefill, rid, 1)
-            self.admit(self.decode, rid, 1)
-            self.advertise(rid)
-            self.post(self.decode, rid)
-            self.post(self.prefill, rid)
-        self.tick(1.0)
-        self.tick(TRANSFER_TIMEOUT_S)  # the link never completes: both transfers quarantine
-        for rid in rids:
-            self.host_free(self.decode, rid)  # the host gave up on them: frees are deferred
-        result = self.cancel(self.decode, rids[0])
-        self.expect("cancel while unhealthy is BACKEND_UNHEALTHY",
-                    result is CancelResult.BACKEND_UNHEALTHY)
-        self.tick(POLICY.progress_deadline_s)
-        self.tick(POLICY.restart_grace_s)  # unhealthy longer than the grace
-        self.expect("a restart is requested after the grace",
-                    self.decode.monitor.restart_requested)
-        for rid in rids:  # the link finally resets: the handles reach a final state
-            for rank in (self.decode, self.prefill):
-                self.finish_op(rank, rid, ok=False)
-        self.tick(0.5)
-        self.expect("health recovers once the handles are final",
-                    self.decode.monitor.health is not None and self.decode.monitor.health.healthy)
-        for rid in rids:
-            self.host_free(self.prefill, rid)
-
-    # --- the books -------------------------------------------------------------------------
-
-    def books(self) -> int:
-        self.title("the books")
-        from kvhandoff.engine.errors import PoolError
-
-        for rank in (self.prefill, self.decode):
-            pool = rank.pool
-            left = [s.request_id for s in rank.table]
-            self.expect(f"{rank.name}: sessions left {left}", not left)
-            self.expect(f"{rank.name}: host still holds {sorted(rank.held)}", not rank.held)
+        while True:
             try:
-                pool.check()
-                pool.assert_poisoned()
-            except PoolError as error:
-                self.expect(f"{rank.name}: {error}", False)
-            self.expect(f"{rank.name}: {pool.num_blocks - pool.num_free} blocks leaked",
-                        pool.num_free == pool.num_blocks)
-            print(f"  {rank.name:<7} {pool.num_free}/{pool.num_blocks} blocks free, "
-                  f"{pool.num_pinned} pinned, {pool.num_deferred} deferred, "
-                  f"{len(rank.table)} sessions", file=self.out)
-        if self.problems:
-            print(f"  FAILED: {len(self.problems)} problem(s)", file=self.out)
-            return 1
-        print("  no leak: every block is back on both free lists and still poisoned",
-              file=self.out)
+                return self.pool.alloc(request.blocks, owner=request.request_id)
+            except OutOfBlocksError:
+                await anyio.sleep(0.002)
+            except PoisonError as error:  # a transfer wrote a block after its free
+                self.early_freed.update(error.block_ids)
+                raise
+
+    async def run(self) -> None:
+        """Walk the plan, at most ``concurrency`` requests at a time. Blocks are allocated
+        here, in request order, on every rank: were they taken in whatever order the tasks
+        got to them, TP rank 0 could hold request k's blocks while rank 1 holds k+1's, each
+        waiting for blocks the other's unfinished request keeps pinned (a deadlock)."""
+        import anyio
+        from kvhandoff.engine.errors import PoisonError
+
+        slots = anyio.Semaphore(self.plan.concurrency)
+        async with anyio.create_task_group() as group:
+            for request in self.plan.requests:
+                await slots.acquire()
+                try:
+                    ids = await self.alloc(request)
+                except PoisonError:
+                    # The poisoned blocks head the free list, so every later alloc would
+                    # fail too: this rank stops (its peers' transfers end by timeout) and
+                    # the report counts the blocks as freed early.
+                    slots.release()
+                    self.outcomes[request.index] = POISONED
+                    break
+                group.start_soon(self._one, request, ids, slots)
+
+    async def _one(self, request: Request, ids: list[int], slots: Any) -> None:
+        from kvhandoff.engine.errors import TransferError
+
+        try:
+            work = self._send if self.prefill else self._receive
+            outcome = await work(request, ids)
+        except TransferError as error:
+            outcome = error.reason
+        finally:
+            slots.release()
+        self.outcomes[request.index] = outcome
+        self.on_done(request.index)
+
+    async def _send(self, request: Request, ids: list[int]) -> str:
+        import anyio.lowlevel
+        from kvhandoff import cuda_ext
+
+        rid = request.request_id
+        layers = self.pool.layers
+        if not request.layerwise:
+            data = self.kv_bytes(request, scratch="kv")
+            cuda_ext.scatter(data, layers, ids)
+            handle = self.engine.send(rid, ids, self.peer)
+            self.pool.free(ids, owner=rid)  # deferred until the transfer is quiescent
+        else:  # the layers are written across awaits: this request's own buffer
+            data = self.kv_bytes(request)
+            handle = self.engine.send(rid, ids, self.peer, layerwise=True)
+            per_layer = 2 * len(ids) * self.plan.tensor_block_nbytes
+            for layer in range(self.plan.layers):  # prefill produces one layer at a time
+                cuda_ext.scatter(data[layer * per_layer:(layer + 1) * per_layer],
+                                 layers[2 * layer:2 * layer + 2], ids)
+                handle.layer_ready(layer)
+                await anyio.lowlevel.checkpoint()
+            self.pool.free(ids, owner=rid)
+        await handle.wait()
+        return OK
+
+    async def _receive(self, request: Request, ids: list[int]) -> str:
+        from kvhandoff import cuda_ext
+
+        rid = request.request_id
+        start = time.perf_counter()
+        try:
+            handle = self.engine.receive(rid, ids, self.peer, layerwise=request.layerwise)
+            result = await handle.wait()
+            seconds = time.perf_counter() - start
+            got = self.scratch("got", result.nbytes)
+            cuda_ext.gather(self.pool.layers, ids, got)
+            want = self.kv_bytes(request, scratch="kv")
+            bad = 0
+            if not self.torch.equal(got, want):  # count the blocks only when some differ
+                shape = (2 * self.plan.layers, len(ids), -1)
+                bad = int((got.view(shape) != want.view(shape)).any(dim=2).any(dim=0).sum())
+        finally:
+            self.pool.free(ids, owner=rid)
+        if bad:
+            self.mismatched_blocks += bad
+            return CORRUPT
+        self.latencies.append(seconds)
+        self.bytes_verified += result.nbytes
+        return OK
+
+    def summary(self, drain_left: int) -> RankSummary:
+        """The books, read after the engine has exited (every transfer released)."""
+        from kvhandoff.engine.errors import PoisonError, PoolInvariantError
+
+        problems: list[str] = []
+        try:
+            self.pool.check()
+        except PoolInvariantError as error:
+            problems.extend(error.problems)
+        early = set(self.early_freed)
+        try:
+            self.pool.assert_poisoned()
+        except PoisonError as error:
+            early.update(error.block_ids)
+        health = self.engine.health()
+        stats = self.engine.stats()
+        injected = getattr(self.engine.transport, "injected", {})
+        return RankSummary(
+            rank=self.rank, role="prefill" if self.prefill else "decode",
+            outcomes=dict(self.outcomes), latencies=tuple(self.latencies),
+            bytes_verified=self.bytes_verified, mismatched_blocks=self.mismatched_blocks,
+            healthy=health.healthy, health_reason=health.reason,
+            restart_requested=self.engine.restart_requested, quarantines=stats.quarantines,
+            leaked_blocks=self.pool.num_blocks - self.pool.num_free,
+            early_freed_blocks=len(early), pool_problems=tuple(problems),
+            drain_left=drain_left,
+            faults_injected={fault.value: n for fault, n in injected.items()
+                             if n and fault.value != "none"},
+        )
+
+
+def _make_pool(plan: Plan) -> BlockPool:
+    import torch
+    from kvhandoff.engine.pool import BlockPool
+
+    return BlockPool(plan.num_blocks, plan.layers, plan.block_tokens, plan.kv_heads,
+                     plan.head_dim, dtype=torch.bfloat16, debug=True)
+
+
+async def _drive(ranks: Sequence[_Rank]) -> tuple[list[RankSummary], float]:
+    """Run the ranks' request loops, drain every engine, and read the books."""
+    import anyio
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for rank in ranks:
+            group.start_soon(rank.run)
+    seconds = time.perf_counter() - start
+    left: dict[int, int] = {}
+
+    async def drain(rank: _Rank) -> None:
+        report = await rank.engine.drain(rank.engine.config.drain_timeout_s)
+        left[rank.rank] = len(report.left)
+
+    async with anyio.create_task_group() as group:  # every TP rank drains at once
+        for rank in ranks:
+            group.start_soon(drain, rank)
+    return [rank.summary(left[rank.rank]) for rank in ranks], seconds
+
+
+# --- the two backends ----------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar over requests finished on every rank of this process."""
+
+    def __init__(self, total: int, local_ranks: int, enabled: bool) -> None:
+        self._need = local_ranks
+        self._seen: collections.Counter[int] = collections.Counter()
+        self._bar: Any = None
+        self._task: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress("[progress.description]{task.description}", BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), transient=True)
+            self._task = self._bar.add_task("requests", total=total)
+
+    def done(self, index: int) -> None:
+        self._seen[index] += 1
+        if self._seen[index] == self._need and self._bar is not None:
+            self._bar.advance(self._task)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _run_embedded(plan: Plan, progress: bool) -> tuple[list[RankSummary], float]:
+    import anyio
+    from kvhandoff.collectives import local_group
+    from kvhandoff.engine import TransferEngine
+    from kvhandoff.engine.transports import loopback_group
+
+    async def main() -> tuple[list[RankSummary], float]:
+        transports = [_wrap_faulty(t, plan, r) for r, t in enumerate(loopback_group(WORLD))]
+        comms = [*local_group(TP, name="prefill-tp"),
+                 *local_group(TP, name="decode-tp", first_log_rank=TP)]
+        config = _engine_config(plan)
+        with _Progress(len(plan.requests), WORLD, progress) as bar:
+            async with contextlib.AsyncExitStack() as stack:
+                ranks = []
+                for r in range(WORLD):
+                    pool = _make_pool(plan)
+                    engine = TransferEngine(pool, transports[r], tp_comm=comms[r],
+                                            config=config, layout_extra=(r % TP, TP))
+                    await stack.enter_async_context(engine)
+                    ranks.append(_Rank(plan, r, pool, engine, bar.done))
+                return await _drive(ranks)
+
+    return anyio.run(main)
+
+
+def _run_mpi(plan: Plan, progress: bool) -> tuple[list[RankSummary], float] | None:
+    """This process's rank; returns every rank's summary on rank 0, None elsewhere."""
+    import anyio
+    from kvhandoff.collectives import CheckedComm
+    from kvhandoff.engine import TransferEngine
+    from kvhandoff.engine.transports import MPITransport
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    tp_comm = CheckedComm.from_mpi(world.Split(color=rank // TP, key=rank),
+                                   name="prefill-tp" if rank < TP else "decode-tp")
+    transport = _wrap_faulty(MPITransport(world), plan, rank)
+    pool = _make_pool(plan)
+    engine = TransferEngine(pool, transport, tp_comm=tp_comm, config=_engine_config(plan),
+                            layout_extra=(rank % TP, TP))
+
+    async def main() -> tuple[list[RankSummary], float]:
+        with _Progress(len(plan.requests), 1, progress and rank == 0) as bar:
+            async with engine:
+                return await _drive([_Rank(plan, rank, pool, engine, bar.done)])
+
+    world.Barrier()  # start the clock together
+    try:
+        summaries, seconds = anyio.run(main)
+    except BaseException:
+        # The other ranks would wait for this one's summary forever: end the whole job.
+        traceback.print_exc()
+        sys.stderr.flush()
+        world.Abort(1)
+        raise
+    gathered = world.gather((summaries[0], seconds), root=0)
+    transport.close()
+    if gathered is None:  # not rank 0
+        return None
+    return [s for s, _ in gathered], max(t for _, t in gathered)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def _request_outcomes(plan: Plan, summaries: Sequence[RankSummary]) -> list[str]:
+    """One outcome per request: OK only if every rank succeeded; otherwise the first
+    decode rank's failure (what the consumer saw), else the first prefill rank's."""
+    ordered = sorted(summaries, key=lambda s: (s.role != "decode", s.rank))
+    outcomes = []
+    for request in plan.requests:
+        seen = [s.outcomes.get(request.index, "not_run") for s in ordered]
+        outcomes.append(next((o for o in seen if o != OK), OK))
+    return outcomes
+
+
+def report(plan: Plan, summaries: Sequence[RankSummary], seconds: float, out: Any) -> int:
+    """Print the summary tables; return the exit code (0: clean books and, without faults,
+    every request delivered; 1 otherwise)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out, width=100)
+    outcomes = _request_outcomes(plan, summaries)
+    counts = collections.Counter(outcomes)
+    latencies = [t for s in summaries for t in s.latencies]
+    moved = sum(s.bytes_verified for s in summaries)
+    leaked = sum(s.leaked_blocks for s in summaries)
+    early = sum(s.early_freed_blocks for s in summaries)
+    mismatched = sum(s.mismatched_blocks for s in summaries)
+    problems = [f"rank {s.rank}: {p}" for s in summaries for p in s.pool_problems]
+    left = sum(s.drain_left for s in summaries)
+
+    table = Table(title=f"kvhandoff demo: {len(plan.requests)} requests, 2 prefill + 2 decode "
+                        f"ranks (TP={TP}), {plan.layers} layers x {plan.kv_heads} KV heads/rank "
+                        f"x {plan.head_dim} x {plan.block_tokens} tokens, bf16",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("requests ok", f"{counts[OK]}/{len(plan.requests)}")
+    for reason, n in sorted((r, n) for r, n in counts.items() if r != OK):
+        table.add_row(f"  failed: {reason}", str(n))
+    table.add_row("bytes verified on decode", f"{moved / 2**30:.2f} GiB")
+    table.add_row("throughput", f"{moved / seconds / 1e9:.2f} GB/s in {seconds:.1f} s")
+    table.add_row("transfer latency p50 / p99",
+                  f"{_percentile(latencies, 0.5) * 1e3:.1f} / "
+                  f"{_percentile(latencies, 0.99) * 1e3:.1f} ms")
+    table.add_row("leaked blocks", str(leaked))
+    table.add_row("early-freed blocks", str(early))
+    table.add_row("mismatched blocks", str(mismatched))
+    table.add_row("sessions left after drain", str(left))
+    console.print(table)
+
+    ranks = Table(title="ranks")
+    for column in ("rank", "role", "health", "restart", "quarantines", "leaked",
+                   "early-freed", "faults injected"):
+        ranks.add_column(column)
+    for s in sorted(summaries, key=lambda s: s.rank):
+        health = "healthy" if s.healthy else f"UNHEALTHY ({s.health_reason})"
+        faults = ", ".join(f"{k}={v}" for k, v in sorted(s.faults_injected.items())) or "-"
+        ranks.add_row(str(s.rank), s.role, health, "yes" if s.restart_requested else "no",
+                      str(s.quarantines), str(s.leaked_blocks), str(s.early_freed_blocks),
+                      faults)
+    console.print(ranks)
+    for problem in problems:
+        console.print(f"pool check failed: {problem}")
+
+    failed_requests = len(outcomes) - counts[OK]
+    clean = not (leaked or early or mismatched or problems or left)
+    if clean and (plan.faults or not failed_requests):
+        console.print("OK: no block leaked or freed early; every delivered block matched byte "
+                      "for byte")
         return 0
-
-    def run(self) -> int:
-        self.detail("kvhandoff demo: scripted session lifecycles on two in-process ranks "
-                    "(the transfer engine replaces this walk-through when it lands)")
-        for scene in (self.scene_happy_path, self.scene_cancel_queued,
-                      self.scene_cancel_advertised, self.scene_cancel_in_flight,
-                      self.scene_not_cancellable_and_finished, self.scene_queue_timeout,
-                      self.scene_quarantine):
-            scene()
-            self.tick(0.5)
-        return self.books()
-
-
-NEEDED_BLOCKS = 3  # the most one rank holds at once (the happy path)
+    console.print("FAILED: " + ", ".join(
+        what for what, bad in (("blocks leaked", leaked), ("blocks freed early", early),
+                               ("blocks corrupted", mismatched), ("pool books broken", problems),
+                               ("sessions left after drain", left),
+                               ("requests failed without faults",
+                                failed_requests and not plan.faults)) if bad))
+    return 1
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.blocks < NEEDED_BLOCKS:
-        print(f"kvhandoff demo: --blocks must be at least {NEEDED_BLOCKS}", file=sys.stderr)
+    try:
+        plan = make_plan(args)
+    except ValueError as error:
+        print(f"kvhandoff demo: {error}", file=sys.stderr)
         return 2
-    return _Walkthrough(args.blocks, sys.stdout, args.quiet).run()
+    progress = not args.no_progress and sys.stdout.isatty()
+    import torch
+
+    # Oversubscribed intra-op threads (4 ranks on few cores) make every small copy spin.
+    torch.set_num_threads(args.torch_threads)
+    if args.log_dir is not None:
+        from kvhandoff.collectives import configure_logging
+
+        configure_logging(args.log_dir)
+    if args.backend == "mpi":
+        from mpi4py import MPI
+
+        size = MPI.COMM_WORLD.Get_size()
+        if size != WORLD:
+            if MPI.COMM_WORLD.Get_rank() == 0:
+                print(f"kvhandoff demo: --backend mpi needs exactly {WORLD} processes, got "
+                      f"{size}; run `mpiexec -n {WORLD} kvhandoff demo --backend mpi`",
+                      file=sys.stderr)
+            return 2
+        result = _run_mpi(plan, progress)
+        if result is None:
+            return 0
+    else:
+        result = _run_embedded(plan, progress)
+    summaries, seconds = result
+    return report(plan, summaries, seconds, sys.stdout)

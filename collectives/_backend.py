@@ -46,6 +46,9 @@ class Backend(Protocol):
     size: int
     log_rank: int
     piggyback_buffers: bool
+    # Raw-buffer backends: checked numpy buffers up to this many bytes may travel as the
+    # payload of post() (one exchange) instead of a preflight plus a buffer exchange.
+    inline_buffer_bytes: int
 
     def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> Exchange: ...
 

@@ -11,12 +11,24 @@ from .errors import CollectiveArgumentError
 BUFFER_REDUCE_OPS = ("sum", "min", "max")
 
 
+# numpy.ndarray and torch.Tensor always have a dtype: their kind is cached per type.
+_KIND_OF_TYPE: dict[type, str] = {}
+
+
 def buffer_kind(buffer: object) -> str:
     """``"numpy"`` or ``"torch"``; anything else is a CollectiveArgumentError."""
-    module = type(buffer).__module__
+    cls = type(buffer)
+    found = _KIND_OF_TYPE.get(cls)
+    if found is not None:
+        return found
+    module = cls.__module__
     if module == "numpy" and hasattr(buffer, "dtype"):
+        if cls.__name__ == "ndarray":
+            _KIND_OF_TYPE[cls] = "numpy"
         return "numpy"
     if module.startswith("torch") and hasattr(buffer, "dtype"):
+        if cls.__name__ == "Tensor":
+            _KIND_OF_TYPE[cls] = "torch"
         return "torch"
     raise CollectiveArgumentError(
         f"buffer collectives take a numpy array or a torch tensor, got {type(buffer).__name__}; "
@@ -70,6 +82,45 @@ def check_reduce_op(reduce_op: str) -> None:
             f"buffer allreduce supports {BUFFER_REDUCE_OPS}, got {reduce_op!r}; use the object "
             "allreduce for or/and"
         )
+
+
+def small_numpy(buffer: Any, limit: int) -> Any:
+    """``buffer`` as a C-contiguous numpy array when it is a numpy array of plain data of
+    at most ``limit`` bytes (small enough to travel inline with its fingerprint), else None."""
+    if limit <= 0 or type(buffer).__module__ != "numpy":
+        return None
+    import numpy as np
+
+    send = np.ascontiguousarray(buffer)
+    # Plain numbers only: for them ``dtype.str`` (in the fingerprint) fixes the dtype, so
+    # every rank whose fingerprint agrees makes the same choice.
+    if send.dtype.kind not in "biufc" or send.nbytes > limit:
+        return None
+    return send
+
+
+def rows_to_array(rows: list[Any], like: Any) -> Any:
+    """Per-rank raw bytes of arrays shaped like ``like`` (a numpy array) stacked into one new
+    array with a leading axis of length ``len(rows)``."""
+    import numpy as np
+
+    # copy(): a fresh array that owns its memory, as a raw-buffer exchange returns.
+    joined = np.frombuffer(b"".join(rows), dtype=like.dtype)
+    return joined.reshape((len(rows), *like.shape)).copy()
+
+
+def stacked_result(gathered: Any, reduce_op: str | None) -> Any:
+    """``gathered`` (numpy, leading axis = rank) itself, or its elementwise reduction in rank
+    order, as buffer collectives on raw-buffer backends return it."""
+    if reduce_op is None:
+        return gathered
+    import numpy as np
+
+    fn = {"sum": np.add, "min": np.minimum, "max": np.maximum}[reduce_op]
+    acc = gathered[0].copy()
+    for row in gathered[1:]:
+        fn(acc, row, out=acc)
+    return acc
 
 
 def numpy_to_torch(array: Any) -> Any:

@@ -12,8 +12,10 @@ the flight recorder is dumped to the log. After any failed call the communicator
 
 Buffer collectives on backends that move raw buffers (MPI, torch.distributed) cannot carry a
 fingerprint; there ``buffer_check="preflight"`` first exchanges the fingerprint (with dtype
-and shape) as a small object exchange, and ``"off"`` skips the check (the call is still
-recorded and bounded in time, but a mismatch is undefined behaviour of the backend).
+and shape) as a small object exchange (a small numpy buffer, up to the backend's
+``inline_buffer_bytes``, travels as that exchange's payload and needs no second one), and
+``"off"`` skips the check (the call is still recorded and bounded in time, but a mismatch is
+undefined behaviour of the backend).
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from typing import Any
 
 from . import _buffers, _logging, _watchdog
 from ._backend import ABORT, CLOSED, NORMAL, Backend, Contribution
-from ._record import Fingerprint, FlightRecorder, Position, RecordEntry, call_site, summarize
+from ._record import (
+    Fingerprint,
+    FlightRecorder,
+    Position,
+    RecordEntry,
+    call_site,
+    summarize,
+    summarize_buffer,
+)
 from .errors import (
     CollectiveAbortedError,
     CollectiveArgumentError,
@@ -53,7 +63,7 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 def _loads_all(payloads: list[Any]) -> list[Any]:
-    return [pickle.loads(p) for p in payloads]
+    return list(map(pickle.loads, payloads))
 
 
 class CollectiveHandle:
@@ -94,10 +104,12 @@ class CollectiveHandle:
 
     def test(self) -> bool:
         """Progress the collective without blocking; see the class docstring."""
-        return self._poll(1)
+        return self._done or self._poll(1)
 
     def result(self) -> Any:
         """The checked result; waits (polling, bounded by the deadline) if not ready."""
+        if self._done:
+            return self._value
         backend = self._comm._backend
         while not self._poll(_SPINS_PER_POLL):
             backend.block(self._exchange, max(0.0, min(0.05, self._deadline - time.monotonic())))
@@ -194,6 +206,7 @@ class CheckedComm:
         self.timeout = float(timeout)
         self.buffer_check = buffer_check
         self.recorder = FlightRecorder(recorder_capacity)
+        self._record = self.recorder._ring.append  # the hot path's FlightRecorder.start
         self._seq = 0
         self._unusable: str | None = None
         self._log = _logging.rank_logger(backend.log_rank)
@@ -379,7 +392,9 @@ class CheckedComm:
         seq = self._seq
         self._seq = seq + 1
         deadline_s = self.timeout if timeout is None else float(timeout)
-        entry = self.recorder.start(seq, op, site, tag, summary, deadline_s)
+        now = time.time()
+        entry = RecordEntry(seq, op, site, tag, summary, now, now + deadline_s)
+        self._record(entry)
         fp = (seq, op, site, tag, root, reduce_op, extra)
         if _logging._per_call and _logging._log_dir is not None:
             self._log.debug("collective.enter", comm=self.name, seq=seq, op=op, site=site,
@@ -403,7 +418,11 @@ class CheckedComm:
     def _post(self, op: str, obj: Any, tag: str | None, timeout: float | None,
               root: int | None, reduce_op: str | None, finish: Callable[[list[Any]], Any],
               send: bool = True) -> CollectiveHandle:
-        problem = self._validate(root, reduce_op, tag, timeout)
+        if root is None and reduce_op is None and timeout is None and (
+                tag is None or type(tag) is str):
+            problem = None  # the common calls: nothing to validate
+        else:
+            problem = self._validate(root, reduce_op, tag, timeout)
         entry, fp, deadline_s = self._begin(op, summarize(obj), tag,
                                             None if problem else timeout, root, reduce_op, None)
         if problem is not None:
@@ -415,8 +434,7 @@ class CheckedComm:
                 f"{op} payload {entry.summary} at {entry.site} cannot be pickled ({exc}); "
                 "send plain data (numbers, strings, lists, dicts, dataclasses)", exc))
         exchange = self._backend.post(entry.seq, NORMAL, fp, payload)
-        handle = CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
-        return handle
+        return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
 
     def _post_buffer(self, op: str, buffer: Any, reduce_op: str | None, tag: str | None,
                      timeout: float | None) -> CollectiveHandle:
@@ -429,7 +447,7 @@ class CheckedComm:
                     _buffers.check_reduce_op(reduce_op)
             except CollectiveArgumentError as exc:
                 problem = str(exc)
-        summary = (f"{extra[0]}{extra[2]} {extra[1]}" if extra is not None
+        summary = (summarize_buffer(extra) if extra is not None
                    else type(buffer).__name__)
         entry, fp, deadline_s = self._begin(op, summary, tag, None if problem else timeout,
                                             None, reduce_op, extra)
@@ -453,6 +471,16 @@ class CheckedComm:
 
         if self.buffer_check == "off":
             return CollectiveHandle(self, entry, fp, post_buffer(), None, None, deadline_s)
+        send = _buffers.small_numpy(buffer, backend.inline_buffer_bytes)
+        if send is not None:
+            # A small buffer rides with its fingerprint: one exchange instead of two. The
+            # choice depends only on (dtype, shape), which the check compares, and the rows
+            # are used only once every fingerprint agrees.
+            def finish_inline(rows: list[Any]) -> Any:
+                return _buffers.stacked_result(_buffers.rows_to_array(rows, send), reduce_op)
+
+            exchange = backend.post(entry.seq, NORMAL, fp, send.tobytes())
+            return CollectiveHandle(self, entry, fp, exchange, finish_inline, None, deadline_s)
         exchange = backend.post(entry.seq, NORMAL, fp, b"")
         return CollectiveHandle(self, entry, fp, exchange, lambda _p: None, post_buffer,
                                 deadline_s)

@@ -37,19 +37,23 @@ class _Hub:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.cond = threading.Condition(threading.Lock())
+        # The hot path takes ``lock`` directly (a C-level context manager); waiters use
+        # ``cond``, which is built on the same lock.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.slots: dict[int, _Slot] = {}
         self.closed: set[int] = set()
         self.recorders: dict[int, FlightRecorder] = {}
 
     def post(self, rank: int, seq: int, contribution: Contribution) -> _Slot:
-        with self.cond:
+        with self.lock:
             slot = self.slots.get(seq)
             if slot is None:
                 slot = self.slots[seq] = _Slot(self.size)
             slot.contributions[rank] = contribution
             slot.count += 1
-            self._maybe_complete(slot)
+            if slot.count == self.size or self.closed:
+                self._maybe_complete(slot)
             return slot
 
     def _maybe_complete(self, slot: _Slot) -> None:
@@ -63,7 +67,7 @@ class _Hub:
     def read(self, seq: int, slot: _Slot) -> list[Contribution]:
         result = slot.result
         assert result is not None
-        with self.cond:
+        with self.lock:
             slot.reads += 1
             if slot.reads >= slot.count:
                 self.slots.pop(seq, None)
@@ -103,6 +107,7 @@ class LocalBackend:
     """One rank's view of a hub."""
 
     piggyback_buffers = True
+    inline_buffer_bytes = 0
 
     def __init__(self, hub: _Hub, rank: int, log_rank: int) -> None:
         self._hub = hub

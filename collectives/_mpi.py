@@ -4,8 +4,11 @@ Wire protocol of one checked call, on a private duplicate of the caller's commun
 point-to-point messages to every peer (MPI orders messages of one (source, tag, comm), so the
 k-th message of every peer is its k-th call, exactly as the k-th collectives would match):
 
-1. a fixed-size *slot* (tag 1): a 9-byte prefix (kind, header length, payload length), the
-   pickled fingerprint and, when it fits, the pickled payload;
+1. a fixed-size *slot* (tag 1): an 18-byte prefix (kind, header format, seq, header length,
+   payload length), the pickled fingerprint less its seq (pickled once per distinct
+   fingerprint; a peer whose bytes equal ours agrees without unpickling) and, when it fits,
+   the pickled payload. Slots live in pooled *channels* with persistent requests, so a call
+   costs two ``Start``s per peer instead of building fresh requests;
 2. when the body does not fit, the body itself (tag 2), sent right after the slot; a receiver
    that sees an oversized slot always receives the body, whatever it thinks of the
    fingerprint, so the streams never drift.
@@ -16,8 +19,9 @@ instead of ``Iallgather`` because MPICH's non-blocking collectives cost several 
 blocking ones, while ``Isend``/``Irecv`` over shared memory cost about what mpi4py's own
 ``allgather`` does; the price is size - 1 messages per rank per call, fine for the small TP
 groups this is for. Buffer collectives move raw buffers the same way (tag 3; allreduce is a
-gather plus a reduction in rank order, identical on every rank). Positions travel on a second
-duplicate (tag 7), only after half of a deadline has passed.
+gather plus a reduction in rank order, identical on every rank); a checked numpy buffer of at
+most ``_INLINE_BUFFER_BYTES`` skips that and rides as the payload of its fingerprint's slot.
+Positions travel on a second duplicate (tag 7), only after half of a deadline has passed.
 """
 
 from __future__ import annotations
@@ -41,103 +45,198 @@ except ImportError as exc:
     ) from exc
 
 SLOT_BYTES = 512
-_PREFIX = struct.Struct("<BII")
+# kind, header format, seq, header length, payload length.
+_PREFIX = struct.Struct("<BBqII")
+_FULL = 0  # the header is the pickled header tuple
+_STATIC = 1  # the header is (seq,) + the pickled rest: seq travels in the prefix
 _SLOT_TAG = 1
 _BODY_TAG = 2
 _BUFFER_TAG = 3
 _POSITION_TAG = 7
-_SPIN_TESTS = 2000  # busy polls before a blocking wait starts to sleep
+# A blocking wait first spins (small collectives complete within microseconds, and MPICH's
+# own blocking collectives spin too), then yields the core between polls (with more ranks
+# than free cores, the peer we wait for may need exactly this one), then sleeps.
+_SPIN_S = 0.0002
+_YIELD_S = 0.002
+_HEADER_CACHE_MAX = 4096
+_FREE_CHANNELS = 8
+# Checked numpy buffers up to this size travel inside the fingerprint's exchange (usually
+# inline in the slot) instead of in a second, raw-buffer exchange after the check.
+_INLINE_BUFFER_BYTES = 256
+
+
+class _Channel:
+    """The reusable part of an exchange: every rank's slot and persistent requests (one
+    receive into each peer's slot, one send of ours to each peer). ``Start`` on a persistent
+    request costs a fraction of building an ``Irecv``/``Isend`` each call; matching order is
+    the order of ``Start``, exactly as with fresh requests. A channel serves one exchange at
+    a time; the backend pools the free ones."""
+
+    __slots__ = ("recvs", "sends", "slots")
+
+    def __init__(self, backend: MPIBackend) -> None:
+        comm = backend._comm
+        rank, size = backend.rank, backend.size
+        self.slots = bytearray(SLOT_BYTES * size)
+        view = memoryview(self.slots)
+        peers = [r for r in range(size) if r != rank]
+        self.recvs = [comm.Recv_init(view[r * SLOT_BYTES:(r + 1) * SLOT_BYTES], r, _SLOT_TAG)
+                      for r in peers]
+        mine = view[rank * SLOT_BYTES:(rank + 1) * SLOT_BYTES]
+        self.sends = [comm.Send_init(mine, r, _SLOT_TAG) for r in peers]
+
+    def sent(self) -> bool:
+        for request in self.sends:
+            if not request.Test():
+                return False
+        return True
+
+    def free(self) -> None:
+        for request in self.recvs + self.sends:
+            request.Free()
 
 
 class _MPIExchange:
     __slots__ = (
+        "_backend",
         "_bodies",
         "_body",
         "_body_reqs",
+        "_channel",
+        "_header",
         "_phase",
         "_prefixes",
         "_rank",
         "_recvs",
-        "_slots",
-        "_src",
+        "_seq",
+        "_static",
         "polls",
+        "waiting_since",
     )
 
-    def __init__(self, backend: MPIBackend, kind: int, header: bytes, payload: Any,
+    def __init__(self, backend: MPIBackend, seq: int, kind: int, header: Any, payload: Any,
                  receive: bool = True) -> None:
-        comm = backend._comm
-        rank, size = backend.rank, backend.size
+        rank = backend.rank
+        self._backend = backend
         self._rank = rank
+        self._seq = seq
+        self._header = header
         self.polls = 0
-        hlen, plen = len(header), len(payload)
-        slots = bytearray(SLOT_BYTES * size)
+        self.waiting_since = 0.0
+        static = backend._static_header(seq, header) if kind == NORMAL else None
+        self._static = static
+        if static is not None:
+            fmt, header_bytes = _STATIC, static
+        else:
+            fmt = _FULL
+            header_bytes = (pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
+                            if header is not None else b"")
+        hlen, plen = len(header_bytes), len(payload)
+        channel = backend._channel()
+        self._channel: _Channel | None = channel
+        slots = channel.slots
         base = rank * SLOT_BYTES
-        _PREFIX.pack_into(slots, base, kind, hlen, plen)
+        _PREFIX.pack_into(slots, base, kind, fmt, seq, hlen, plen)
+        start = base + _PREFIX.size
         inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
         if inline:
-            slots[base + _PREFIX.size:base + _PREFIX.size + hlen] = header
-            slots[base + _PREFIX.size + hlen:base + _PREFIX.size + hlen + plen] = payload
+            slots[start:start + hlen] = header_bytes
+            slots[start + hlen:start + hlen + plen] = payload
             self._body: bytes = b""
         else:
-            self._body = header + bytes(payload)
-        self._slots = slots
-        view = memoryview(slots)
-        mine = view[base:base + SLOT_BYTES]
-        peers = [r for r in range(size) if r != rank]
+            self._body = header_bytes + bytes(payload)
         # A rank that aborts or closes never waits for this call: it only sends.
-        self._recvs = [comm.Irecv([view[r * SLOT_BYTES:(r + 1) * SLOT_BYTES], MPI.BYTE],
-                                  source=r, tag=_SLOT_TAG) for r in peers] if receive else []
-        sends = [comm.Isend([mine, MPI.BYTE], dest=r, tag=_SLOT_TAG) for r in peers]
+        if receive:
+            recvs = channel.recvs
+            for request in recvs:
+                request.Start()
+            self._recvs = recvs
+        else:
+            self._recvs = []
+        for request in channel.sends:
+            request.Start()
         if not inline:
-            sends += [comm.Isend([self._body, MPI.BYTE], dest=r, tag=_BODY_TAG) for r in peers]
-        backend._track(sends)
-        self._src = comm
+            comm = backend._comm
+            backend._track([comm.Isend(self._body, r, _BODY_TAG)
+                            for r in range(backend.size) if r != rank])
         self._body_reqs: list[Any] = []
         self._bodies: dict[int, bytearray] = {}
-        self._prefixes: list[tuple[int, int, int]] = []
+        self._prefixes: list[tuple[int, int, int, int, int]] = []
         self._phase = 1
+        if not receive:  # nothing to wait for: the channel only has sends in flight
+            backend._release(channel)
+            self._channel = None
+            self._phase = 3
 
     def test(self) -> bool:
         if self._phase == 3:
             return True
         self.polls += 1
         if self._phase == 1:
-            if not MPI.Request.Testall(self._recvs):
-                return False
-            slots = self._slots
+            # Request.Test per request is several times cheaper than Request.Testall on a
+            # list; a completed persistent request is inactive, and testing it again is a
+            # cheap True.
+            for request in self._recvs:
+                if not request.Test():
+                    return False
+            slots = self._channel.slots  # type: ignore[union-attr]
             self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
                               for r in range(len(slots) // SLOT_BYTES)]
-            for r, (_kind, hlen, plen) in enumerate(self._prefixes):
+            for r, (_kind, _fmt, _seq, hlen, plen) in enumerate(self._prefixes):
                 if r != self._rank and _PREFIX.size + hlen + plen > SLOT_BYTES:
                     buf = self._bodies[r] = bytearray(hlen + plen)
-                    self._body_reqs.append(
-                        self._src.Irecv([buf, MPI.BYTE], source=r, tag=_BODY_TAG))
+                    self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
             self._phase = 2
-        if not MPI.Request.Testall(self._body_reqs):
-            return False
+        body_reqs = self._body_reqs
+        while body_reqs:
+            if not body_reqs[-1].Test():
+                return False
+            body_reqs.pop()
         self._phase = 3
         return True
 
     def contributions(self) -> list[Contribution]:
+        """Every rank's (kind, header, payload); payloads are copied out of the channel,
+        which goes back to the pool."""
         out: list[Contribution] = []
-        view = memoryview(self._slots)
-        for rank, (kind, hlen, plen) in enumerate(self._prefixes):
-            if _PREFIX.size + hlen + plen <= SLOT_BYTES:
-                base = rank * SLOT_BYTES + _PREFIX.size
-                body: Any = view[base:base + hlen + plen]
-            elif rank == self._rank:
-                body = memoryview(self._body)
+        channel = self._channel
+        assert channel is not None and self._phase == 3
+        slots = channel.slots
+        static, own, seq = self._static, self._rank, self._seq
+        for rank, (kind, fmt, peer_seq, hlen, plen) in enumerate(self._prefixes):
+            base = rank * SLOT_BYTES + _PREFIX.size
+            inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
+            if inline:
+                body: Any = slots
+                at = base
+            elif rank == own:
+                body, at = self._body, 0
             else:
-                body = memoryview(self._bodies[rank])
-            header = pickle.loads(body[:hlen]) if kind != CLOSED else None
-            out.append((kind, header, body[hlen:]))
+                body, at = self._bodies[rank], 0
+            if rank == own:
+                header: Any = self._header
+            elif kind == CLOSED:
+                header = None
+            elif fmt == _STATIC:
+                # Same bytes as ours means an equal fingerprint: hand back our own tuple and
+                # skip unpickling; anything else is decoded and compared as a tuple.
+                if (static is not None and peer_seq == seq and hlen == len(static)
+                        and body.startswith(static, at)):
+                    header = self._header
+                else:
+                    header = (peer_seq, *pickle.loads(body[at:at + hlen]))
+            else:
+                header = pickle.loads(body[at:at + hlen])
+            out.append((kind, header, body[at + hlen:at + hlen + plen]))
+        self._channel = None
+        self._backend._release(channel)
         return out
 
 
 class _MPIBufferExchange:
     """Every rank's buffer, moved point-to-point; the result is stacked or reduced."""
 
-    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "polls")
+    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "polls", "waiting_since")
 
     def __init__(self, backend: MPIBackend, buffer: Any, reduce_op: str | None) -> None:
         import numpy as np
@@ -155,21 +254,19 @@ class _MPIBufferExchange:
         self._gathered = gathered
         self._reduce_op = reduce_op
         self.polls = 0
+        self.waiting_since = 0.0
 
     def test(self) -> bool:
         self.polls += 1
-        return bool(MPI.Request.Testall(self._recvs))
+        recvs = self._recvs
+        while recvs:
+            if not recvs[-1].Test():
+                return False
+            recvs.pop()
+        return True
 
     def result(self) -> Any:
-        import numpy as np
-
-        out = self._gathered
-        if self._reduce_op is not None:
-            fn = {"sum": np.add, "min": np.minimum, "max": np.maximum}[self._reduce_op]
-            acc = out[0].copy()
-            for row in out[1:]:
-                fn(acc, row, out=acc)
-            out = acc
+        out = _buffers.stacked_result(self._gathered, self._reduce_op)
         return _buffers.numpy_to_torch(out) if self._to_torch else out
 
 
@@ -177,6 +274,7 @@ class MPIBackend:
     """A checked view of an mpi4py communicator (collective to create)."""
 
     piggyback_buffers = False
+    inline_buffer_bytes = _INLINE_BUFFER_BYTES
 
     def __init__(self, mpi_comm: Any, name: str) -> None:
         base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
@@ -188,6 +286,33 @@ class MPIBackend:
         self.log_rank = MPI.COMM_WORLD.Get_rank()
         self._known: dict[int, Position] = {}
         self._sends: list[Any] = []
+        self._headers: dict[tuple[Any, ...], bytes] = {}
+        self._free: list[_Channel] = []  # idle channels, their sends complete
+        self._draining: list[_Channel] = []  # released channels whose sends may be in flight
+
+    def _channel(self) -> _Channel:
+        if self._draining:
+            still = []
+            for channel in self._draining:
+                if channel.sent():
+                    self._keep(channel)
+                else:
+                    still.append(channel)
+            self._draining = still
+        free = self._free
+        return free.pop() if free else _Channel(self)
+
+    def _release(self, channel: _Channel) -> None:
+        if channel.sent():
+            self._keep(channel)
+        else:
+            self._draining.append(channel)
+
+    def _keep(self, channel: _Channel) -> None:
+        if len(self._free) < _FREE_CHANNELS:
+            self._free.append(channel)
+        else:
+            channel.free()
 
     def _track(self, sends: list[Any]) -> None:
         # Sends complete on their own (eagerly for small messages); keep them referenced
@@ -198,9 +323,24 @@ class MPIBackend:
         pending.extend(sends)
         self._sends = pending
 
+    def _static_header(self, seq: int, header: Any) -> bytes | None:
+        """The pickled fingerprint less its seq (which travels in the prefix), cached: within
+        one site the rest of a fingerprint repeats call after call. None: pickle it whole."""
+        if type(header) is not tuple or not header or header[0] != seq:
+            return None
+        rest = header[1:]
+        try:
+            found = self._headers.get(rest)
+        except TypeError:  # an unhashable part: nothing to cache
+            return pickle.dumps(rest, pickle.HIGHEST_PROTOCOL)
+        if found is None:
+            found = pickle.dumps(rest, pickle.HIGHEST_PROTOCOL)
+            if len(self._headers) < _HEADER_CACHE_MAX:
+                self._headers[rest] = found
+        return found
+
     def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> _MPIExchange:
-        return _MPIExchange(self, kind, pickle.dumps(header, pickle.HIGHEST_PROTOCOL), payload,
-                            receive=kind == NORMAL)
+        return _MPIExchange(self, seq, kind, header, payload, receive=kind == NORMAL)
 
     def post_buffer_allgather(self, buffer: Any) -> _MPIBufferExchange:
         return _MPIBufferExchange(self, buffer, None)
@@ -209,12 +349,17 @@ class MPIBackend:
         return _MPIBufferExchange(self, buffer, reduce_op)
 
     def block(self, exchange: Any, max_s: float) -> None:
-        # Spin first (latency of small collectives), then yield the core in short sleeps.
-        if exchange is not None and exchange.polls < _SPIN_TESTS:
-            # Give the core away between spins: with more ranks than free cores, the peer we
-            # wait for may need exactly this one.
-            os.sched_yield()
-            return
+        # Spin, then yield, then sleep in short naps (see _SPIN_S).
+        if exchange is not None:
+            now = time.monotonic()
+            since = exchange.waiting_since
+            if not since:
+                exchange.waiting_since = since = now
+            if now - since < _SPIN_S:
+                return
+            if now - since < _YIELD_S:
+                os.sched_yield()
+                return
         time.sleep(min(max_s, 0.0005))
 
     def announce(self, position: Position) -> None:
@@ -236,4 +381,4 @@ class MPIBackend:
     def close(self, seq: int) -> None:
         # Peers that wait on this rank later match this contribution and raise
         # CollectiveAbortedError instead of waiting for their deadline; only its sends matter.
-        _MPIExchange(self, CLOSED, b"", b"", receive=False)
+        _MPIExchange(self, seq, CLOSED, None, b"", receive=False)

@@ -18,20 +18,22 @@ import attrs
 
 # Frames whose module name starts with this are ours: the call site is the first frame after.
 _OWN_PREFIX = "kvhandoff.collectives"
+# Per (code, instruction offset): the site string, so a warm lookup is a short frame walk and
+# a dict hit (no line-table lookup, no string formatting).
 _site_cache: dict[tuple[Any, int], str] = {}
 
 
 def call_site(skip: int = 2) -> str:
     """``"file.py:LINE function"`` of the first frame outside kvhandoff.collectives.
 
-    A cheap walk of ``f_back`` (no ``inspect.stack``), cached per (code, line)."""
+    A cheap walk of ``f_back`` (no ``inspect.stack``), cached per (code, instruction)."""
     frame = sys._getframe(skip)
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_OWN_PREFIX):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return "<unknown>:0 <unknown>"
     code = frame.f_code
-    key = (code, frame.f_lineno)
+    key = (code, frame.f_lasti)
     site = _site_cache.get(key)
     if site is None:
         site = f"{code.co_filename}:{frame.f_lineno} {code.co_name}"
@@ -40,9 +42,44 @@ def call_site(skip: int = 2) -> str:
     return site
 
 
+# Exact builtin types whose summary depends only on (type, len) or (type, value): memoized,
+# because formatting a string per call costs more than the rest of the bookkeeping.
+_SIZED = frozenset((list, tuple, dict, set, frozenset, str, bytes))
+_summary_cache: dict[Any, str] = {}
+_buffer_summary_cache: dict[tuple[Any, ...], str] = {}
+
+
 def summarize(obj: object) -> str:
     """A short, cheap description of a payload for the flight recorder (type, length,
     shape/dtype for arrays); never the content."""
+    kind = type(obj)
+    if kind in _SIZED:
+        key: Any = (kind, len(obj))  # type: ignore[arg-type]
+    elif obj is None or kind is bool:
+        key = obj
+    elif kind is int or kind is float:
+        key = kind
+    else:
+        return _summarize(obj)
+    found = _summary_cache.get(key)
+    if found is None:
+        found = _summarize(obj)
+        if len(_summary_cache) < 4096:
+            _summary_cache[key] = found
+    return found
+
+
+def summarize_buffer(extra: tuple[Any, ...]) -> str:
+    """The flight recorder's summary of a buffer call from its (kind, dtype, shape)."""
+    found = _buffer_summary_cache.get(extra)
+    if found is None:
+        found = f"{extra[0]}{extra[2]} {extra[1]}"
+        if len(_buffer_summary_cache) < 4096:
+            _buffer_summary_cache[extra] = found
+    return found
+
+
+def _summarize(obj: object) -> str:
     shape = getattr(obj, "shape", None)
     if shape is not None:
         return f"{type(obj).__name__}{tuple(shape)} {getattr(obj, 'dtype', '')}".rstrip()
@@ -156,6 +193,7 @@ class FlightRecorder:
 
     def start(self, seq: int, op: str, site: str, tag: str | None, summary: str,
               deadline_s: float) -> RecordEntry:
+        # CheckedComm inlines this (RecordEntry + _ring.append) on its hot path.
         now = time.time()
         entry = RecordEntry(seq, op, site, tag, summary, now, now + deadline_s)
         self._ring.append(entry)

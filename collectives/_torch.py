@@ -127,6 +127,7 @@ class TorchBackend:
     """A checked view of a torch.distributed process group (initialized by the caller)."""
 
     piggyback_buffers = False
+    inline_buffer_bytes = 0
 
     def __init__(self, group: Any, name: str, store: Any) -> None:
         global _instances

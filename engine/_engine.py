@@ -48,6 +48,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import attrs
 import torch
 from kvhandoff import cuda_ext
@@ -78,6 +79,7 @@ from kvhandoff.sessions import (
     SessionSnapshot,
     SessionTable,
     State,
+    TransferSession,
     Transition,
     UnknownSessionError,
 )
@@ -199,13 +201,16 @@ class TransferHandle:
     outcome is known (an error surfaces at quarantine, while the blocks stay pinned). For a
     layer-wise send, ``layer_ready(i)`` says layer ``i`` of the KV is written."""
 
-    __slots__ = ("_engine", "_error", "_event", "_result", "_transfer", "request_id")
+    __slots__ = ("_done", "_engine", "_error", "_event", "_result", "_transfer", "request_id")
 
     def __init__(self, engine: TransferEngine, transfer: _Transfer) -> None:
         self.request_id = transfer.request_id
         self._engine = engine
         self._transfer = transfer
-        self._event = anyio.Event()
+        self._done = False
+        # Made by the first wait() that has to block: many handles are settled before anyone
+        # waits, and an event per transfer is a measurable share of a small transfer's cost.
+        self._event: anyio.Event | None = None
         self._result: TransferResult | None = None
         self._error: BaseException | None = None
 
@@ -215,7 +220,7 @@ class TransferHandle:
     @property
     def done(self) -> bool:
         """True once the outcome is known (``wait()`` returns or raises at once)."""
-        return self._event.is_set()
+        return self._done
 
     @property
     def state(self) -> State:
@@ -226,7 +231,12 @@ class TransferHandle:
         return self._transfer.layerwise
 
     async def wait(self) -> TransferResult:
-        await self._event.wait()
+        if self._done:
+            await anyio.lowlevel.checkpoint()  # as waiting on a set event would
+        else:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -239,11 +249,13 @@ class TransferHandle:
         self._engine._layer_ready(self._transfer, layer)
 
     def _settle(self, result: TransferResult | None, error: BaseException | None) -> None:
-        if self._event.is_set():
+        if self._done:
             return
         self._result = result
         self._error = error
-        self._event.set()
+        self._done = True
+        if self._event is not None:
+            self._event.set()
 
 
 # --- the per-request record --------------------------------------------------------------------
@@ -390,6 +402,9 @@ class TransferEngine:
         # Control plane.
         self._early_advertises: collections.OrderedDict[
             str, tuple[int, wire.Advertise, float]] = collections.OrderedDict()
+        # How many early advertises each peer has waiting (changed only by _keep_early and
+        # _drop_early), so heartbeats find those peers without scanning the advertises.
+        self._early_sources: collections.Counter[int] = collections.Counter()
         self._last_heard: dict[int, float] = {}
         self._open_by_peer: dict[int, set[str]] = {}
         self._heartbeat_seq = itertools.count()
@@ -402,7 +417,9 @@ class TransferEngine:
         self._group: dict[str, _GroupState] = {}
         self._unsettled: collections.deque[tuple[float, str]] = collections.deque()
         self._round: Any = None
-        self._recent: collections.OrderedDict[str, SessionSnapshot] = collections.OrderedDict()
+        # Released sessions (out of the table, so never changed again), snapshotted only when
+        # asked for: most never are.
+        self._recent: collections.OrderedDict[str, TransferSession] = collections.OrderedDict()
         # Counters.
         self._completed = self._failed = self._cancelled = self._released = 0
         self._bytes_sent = self._bytes_received = 0
@@ -419,6 +436,10 @@ class TransferEngine:
     # --- context manager ------------------------------------------------------------------
 
     async def __aenter__(self) -> TransferEngine:
+        # The block-copy extension JIT-builds on first use (tens of seconds the first time on
+        # a machine): build it in a worker thread now rather than inside the first tick, where
+        # it would freeze this loop and every engine sharing it.
+        await anyio.to_thread.run_sync(cuda_ext.backend, self.pool.device)
         self._wake = anyio.Event()
         self._restart_event = anyio.Event()
         self._task_group = anyio.create_task_group()
@@ -459,8 +480,8 @@ class TransferEngine:
         it). With ``layerwise=True`` each layer moves as soon as ``handle.layer_ready(i)``
         was called and the receiver has advertised."""
         transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise)
-        early = self._early_advertises.pop(request_id, None)
-        if early is not None:
+        early = self._drop_early(request_id)
+        if early is not None and transfer.state is State.QUEUED:  # else failed at admission
             source, advertise, _ = early
             self._on_advertise(source, advertise, self._clock())
         self._settle_local_reports()
@@ -472,7 +493,11 @@ class TransferEngine:
         advertised at once. ``layerwise`` must match the sender's (``layout_mismatch``
         otherwise)."""
         transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise)
-        self._advertise_receive(transfer, self._clock())
+        # Admission may already have failed it (the TP group failed the request first): then
+        # nothing is posted, or the transport could write into a staging buffer that the
+        # release hands back; the peer was told by the failure.
+        if transfer.state is State.QUEUED:
+            self._advertise_receive(transfer, self._clock())
         self._settle_local_reports()
         return self._handle_of(transfer)
 
@@ -534,7 +559,7 @@ class TransferEngine:
         recent = self._recent.get(request_id)
         if recent is None:
             raise UnknownSessionError(request_id)
-        return recent
+        return recent.snapshot()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -561,12 +586,14 @@ class TransferEngine:
         if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                 or not math.isfinite(timeout) or timeout <= 0):
             raise EngineConfigError("timeout", timeout, "a positive finite number of seconds")
-        start = self._clock()
+        # The bound is real time even with an injected ``clock`` (a test's manual clock may
+        # stand still): drain holds up its caller and must end.
+        start = time.monotonic()
         released_before = self._released
         self._accepting = False
         self._draining = True
         deadline = start + timeout
-        while self._clock() < deadline and not (not self._transfers and self._group_done):
+        while time.monotonic() < deadline and not (not self._transfers and self._group_done):
             if self._task_group is None:  # no running loop: tick here
                 if not self._tick():
                     await anyio.sleep(self.config.idle_sleep_s)
@@ -578,7 +605,7 @@ class TransferEngine:
         if pending:
             # Bounded blocking wait for operations that may yet finish (a last send the
             # peer is still draining): only drain may block.
-            slice_s = max(0.0, deadline - self._clock()) / len(pending)
+            slice_s = max(0.0, deadline - time.monotonic()) / len(pending)
             for op in pending:
                 op.wait(timeout=slice_s)
             self._tick()
@@ -586,7 +613,7 @@ class TransferEngine:
         if left and self._log_on:
             self._log.warning("engine.drain_left", left=[
                 {"request_id": s.request_id, "state": s.state.name} for s in left])
-        return DrainReport(seconds=self._clock() - start,
+        return DrainReport(seconds=time.monotonic() - start,
                            released=self._released - released_before, left=left)
 
     # --- admission ------------------------------------------------------------------------
@@ -625,8 +652,12 @@ class TransferEngine:
         )
         transfer.handle = TransferHandle(self, transfer)
         self._transfers[request_id] = transfer
-        self._open_by_peer.setdefault(peer, set()).add(request_id)
-        self._log_transitions(transfer, session.history)
+        open_with_peer = self._open_by_peer.get(peer)
+        if open_with_peer is None:
+            open_with_peer = self._open_by_peer[peer] = set()
+        open_with_peer.add(request_id)
+        if self._log_on:  # ``history`` is a copy: make it only to log it
+            self._log_transitions(transfer, session.history)
         group = self._group.get(request_id)
         if group is not None:  # the TP group already spoke about this request
             self._decide(request_id, group, now)
@@ -676,7 +707,7 @@ class TransferEngine:
                 self._send_control(source, wire.Fail(rid, wire.FailReason.DUPLICATE_REQUEST,
                                                      "advertise not accepted"))
             else:  # the receiver was faster than our host's send(): keep it until then
-                self._early_advertises[rid] = (source, advertise, now)
+                self._keep_early(rid, source, advertise, now)
             return
         if transfer.role is not Role.SENDER or transfer.peer != source:
             self._reject(source, "advertise", f"{rid!r} is not a send to rank {source}")
@@ -710,6 +741,20 @@ class TransferEngine:
         for layer in sorted(transfer.layers_ready):
             self._post_chunk(transfer, layer, now)
 
+    def _keep_early(self, request_id: str, source: int, advertise: wire.Advertise,
+                    now: float) -> None:
+        self._early_advertises[request_id] = (source, advertise, now)
+        self._early_sources[source] += 1
+
+    def _drop_early(self, request_id: str) -> tuple[int, wire.Advertise, float] | None:
+        early = self._early_advertises.pop(request_id, None)
+        if early is not None:
+            source = early[0]
+            self._early_sources[source] -= 1
+            if not self._early_sources[source]:
+                del self._early_sources[source]
+        return early
+
     def _layer_ready(self, transfer: _Transfer, layer: int) -> None:
         if not transfer.layerwise or transfer.role is not Role.SENDER:
             raise LayerReadyError(transfer.request_id, layer, "a layer-wise send's handle")
@@ -730,8 +775,7 @@ class TransferEngine:
             return  # failed or cancelled meanwhile: nothing more is posted
         assert transfer.staging is not None
         layers = self._layer_pairs[chunk] if transfer.layerwise else self._layers
-        size = transfer.chunk_nbytes
-        view = transfer.staging[chunk * size:(chunk + 1) * size]
+        view = _chunk_view(transfer, chunk)
         try:
             cuda_ext.gather(layers, transfer.block_ids, view)
         except Exception as exc:  # a bad block table must fail this transfer, not the loop
@@ -742,9 +786,7 @@ class TransferEngine:
     def _post(self, transfer: _Transfer, kind: HandleKind, chunk: int, now: float) -> bool:
         """Post one data operation; on the first, the session goes ``IN_FLIGHT`` (through
         ``ADVERTISED`` for a receiver, which advertises right after posting)."""
-        assert transfer.staging is not None
-        size = transfer.chunk_nbytes
-        view = transfer.staging[chunk * size:(chunk + 1) * size]
+        view = _chunk_view(transfer, chunk)
         tag = transfer.data_tag + chunk
         try:
             if kind is HandleKind.SEND:
@@ -783,7 +825,7 @@ class TransferEngine:
         rid = message.request_id
         early = self._early_advertises.get(rid)
         if early is not None and early[0] == source:
-            del self._early_advertises[rid]
+            self._drop_early(rid)
             return
         transfer = self._transfers.get(rid)
         if transfer is None or transfer.peer != source:
@@ -829,8 +871,10 @@ class TransferEngine:
         self._log_transitions(transfer, made)
         session = self._table.get(transfer.request_id)
         state = transfer.state = session.state
-        if any(t.to_state is State.QUARANTINED for t in made):
-            self._quarantines += 1
+        for t in made:
+            if t.to_state is State.QUARANTINED:
+                self._quarantines += 1
+                break
         failure = session.failure
         if failure is not None and not transfer.outcome_known:
             self._surface_failure(transfer, failure.reason.value, failure.detail, now)
@@ -966,7 +1010,7 @@ class TransferEngine:
     def _settle_local_reports(self) -> None:
         """Without a (working) TP group this rank is the whole group: its own reports decide
         at once. Processed here, after the call that produced them, never re-entrantly."""
-        if self.tp_comm is not None and self._tp_error is None:
+        if not self._outbox or (self.tp_comm is not None and self._tp_error is None):
             return
         now = self._clock()
         while self._outbox:
@@ -1119,11 +1163,18 @@ class TransferEngine:
         if transfer.staging is not None:
             self._staging.release(transfer.staging)
             transfer.staging = None
+        # Nothing follows these links after release (every operation is final, the outcome
+        # is settled); cutting them breaks the transfer <-> handle and transfer <-> operation
+        # cycles, so a released record is freed at once instead of by the cyclic collector.
+        transfer.handle = None
+        for op in transfer.ops:
+            if op is not None:
+                op.token = None
         if transfer.role is Role.RECEIVER and transfer.data_tag:
             self._tags_in_use.difference_update(
                 range(transfer.data_tag, transfer.data_tag + transfer.num_chunks))
         if self.config.recent_sessions:
-            self._recent[rid] = session.snapshot()
+            self._recent[rid] = session
             while len(self._recent) > self.config.recent_sessions:
                 self._recent.popitem(last=False)
 
@@ -1167,7 +1218,7 @@ class TransferEngine:
             rid, (source, _, at) = next(iter(early.items()))
             if now - at < timeout:
                 break
-            del early[rid]
+            self._drop_early(rid)
             self._send_control(source, wire.Fail(rid, wire.FailReason.UNKNOWN_REQUEST,
                                                  "no matching send within the queue timeout"))
 
@@ -1188,7 +1239,7 @@ class TransferEngine:
     def _send_heartbeats(self, now: float) -> None:
         self._next_heartbeat = now + self.config.heartbeat_every_s
         peers = set(self._open_by_peer)
-        peers.update(source for source, _, _ in self._early_advertises.values())
+        peers.update(self._early_sources)
         for peer in peers:
             count = len(self._open_by_peer.get(peer, ()))
             self._send_control(peer, wire.Heartbeat(
@@ -1226,6 +1277,16 @@ class TransferEngine:
 
 #: ``Health.reason`` when the engine's TP group itself broke (see ``_tp_failed``).
 TP_GROUP_FAILED = "tp_group_failed"
+
+
+def _chunk_view(transfer: _Transfer, chunk: int) -> torch.Tensor:
+    """The bytes of one chunk in the transfer's staging buffer."""
+    staging = transfer.staging
+    assert staging is not None
+    if transfer.num_chunks == 1:
+        return staging  # exactly the transfer's bytes: no slice to make per operation
+    size = transfer.chunk_nbytes
+    return staging[chunk * size:(chunk + 1) * size]
 
 
 def _error_for(request_id: str, reason: str, detail: str | None) -> BaseException:

@@ -34,12 +34,25 @@ One tick of the loop (``_tick``) does, without ever blocking:
    ``free()`` that was deferred happens now), return staging buffers;
 7. health, and heartbeats to the peers we have transfers open with.
 
+Failure. The error surfaces to the host at once (``wait()`` raises) while the blocks stay
+pinned; the data operations are then settled in one of two ways (``_wind_down``). *Abort*
+when the peer's side can no longer complete (the transfer deadline passed, the peer's lease
+lapsed, the peer sent CANCEL, posting failed here): cancel what is pending and tell the peer
+CANCEL. *Complete* otherwise (a transport error, the peer's FAIL, the TP group's failure, the
+host's cancel): a sender posts its remaining chunks so that every receive the receiver posted
+is matched, the receiver keeps its receives, and the peer is told FAIL. Completing matters
+because MPI cannot cancel a posted send: a receiver that cancelled its receives would leave
+the sender's blocks pinned for good. A completing transfer still aborts at the transfer
+deadline, so a wedged transport cannot hold its blocks forever unless the transport itself
+can neither finish nor cancel the operation, which health then reports.
+
 Blocking waits exist only in ``drain()``.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import math
 import time
@@ -291,7 +304,11 @@ class _Transfer:
     reported_ok: bool = False
     reported_failed: bool = False
     reported_quiescent: bool = False
-    failure_from_peer: bool = False
+    # Whether the peer already knows the outcome (it told us, or we told it).
+    peer_told: bool = False
+    # How a failed transfer settles its operations (see ``TransferEngine._wind_down``).
+    abort_ops: bool = False
+    winding_down: bool = False
     terminal_at: float | None = None
 
     @property
@@ -410,6 +427,10 @@ class TransferEngine:
         self._heartbeat_seq = itertools.count()
         self._next_heartbeat = now
         self._tags_in_use: set[int] = set()
+        # Completing wind-downs, by the time they abort: (when, tiebreak, transfer).
+        self._abort_at: list[tuple[float, int, _Transfer]] = []
+        self._abort_seq = itertools.count()
+        self._abort_grace_s = self.config.transfer_timeout_s or self.config.lease_s
         self._next_tag = 1
         # Agreement: reports waiting for the next round, what the group said so far, and
         # requests the group has not settled on (checked in arrival order for the grace).
@@ -527,7 +548,7 @@ class TransferEngine:
             if not transfer.outcome_known:  # IN_FLIGHT with cancel requested
                 self._surface_failure(transfer, FailureReason.CANCELLED.value,
                                       "cancelled by the host", now)
-            self._stop_posting(transfer, now)
+            self._wind_down(transfer, now)
             self._settle_local_reports()
             self._poke()
         return result
@@ -704,15 +725,15 @@ class TransferEngine:
                     or len(self._early_advertises) >= self.config.max_early_advertises):
                 self._reject(source, "advertise", f"duplicate or one too many early advertise "
                              f"for {rid!r}")
-                self._send_control(source, wire.Fail(rid, wire.FailReason.DUPLICATE_REQUEST,
-                                                     "advertise not accepted"))
+                self._send_control(source, wire.Cancel(
+                    rid, wire.FailReason.DUPLICATE_REQUEST, "advertise not accepted"))
             else:  # the receiver was faster than our host's send(): keep it until then
                 self._keep_early(rid, source, advertise, now)
             return
         if transfer.role is not Role.SENDER or transfer.peer != source:
             self._reject(source, "advertise", f"{rid!r} is not a send to rank {source}")
-            self._send_control(source, wire.Fail(rid, wire.FailReason.UNKNOWN_REQUEST,
-                                                 "no matching send on this rank"))
+            self._send_control(source, wire.Cancel(rid, wire.FailReason.UNKNOWN_REQUEST,
+                                                   "no matching send on this rank"))
             return
         if transfer.state is not State.QUEUED:
             self._reject(source, "advertise", f"second advertise for {rid!r}")
@@ -723,8 +744,9 @@ class TransferEngine:
             num_chunks=transfer.num_chunks,
         )
         if mismatch is not None:
-            self._send_control(source, mismatch)
-            transfer.failure_from_peer = True  # the peer learns it from the FAIL just sent
+            # CANCEL: we post nothing, so the receiver must cancel its receives.
+            self._send_control(source, wire.Cancel(rid, mismatch.reason, mismatch.detail))
+            transfer.peer_told = True
             self._apply(transfer, Event.ABORT, now, reason=_WIRE_TO_REASON[mismatch.reason],
                         detail=mismatch.detail)
             return
@@ -770,9 +792,13 @@ class TransferEngine:
             self._settle_local_reports()
             self._poke()
 
-    def _post_chunk(self, transfer: _Transfer, chunk: int, now: float) -> None:
-        if transfer.outcome_known or transfer.posted >= transfer.expected:
-            return  # failed or cancelled meanwhile: nothing more is posted
+    def _post_chunk(self, transfer: _Transfer, chunk: int, now: float, *,
+                    force: bool = False) -> None:
+        """Gather and post one chunk. After a failure only a completing wind-down posts
+        (``force``); an aborted transfer posts nothing more."""
+        if transfer.abort_ops or transfer.posted >= transfer.expected or (
+                transfer.outcome_known and not force):
+            return
         assert transfer.staging is not None
         layers = self._layer_pairs[chunk] if transfer.layerwise else self._layers
         view = _chunk_view(transfer, chunk)
@@ -829,14 +855,25 @@ class TransferEngine:
             return
         transfer = self._transfers.get(rid)
         if transfer is None or transfer.peer != source:
+            if transfer is None and rid in self._recent:
+                return  # a late word on a transfer already settled and released here
             self._reject(source, message.KIND.name.lower(), f"unknown request {rid!r}")
             return
+        cancel = isinstance(message, wire.Cancel)
         if transfer.outcome_known:
-            return  # already failed here (possibly for the same cause): the first reason wins
+            # Already failed here; the first reason stays. A CANCEL still means the peer's
+            # side will never complete, so ours must abort.
+            if cancel and not transfer.abort_ops:
+                transfer.abort_ops = True
+                self._wind_down(transfer, now)
+            return
         detail = f"rank {source}: {message.reason.label}"
         if message.detail:
             detail = f"{detail} ({message.detail})"
-        transfer.failure_from_peer = True
+        transfer.abort_ops = cancel
+        # The peer knows the outcome; a sender that posted nothing must still say CANCEL,
+        # since the receiver would otherwise wait for sends that never come.
+        transfer.peer_told = cancel or transfer.role is Role.RECEIVER or bool(transfer.posted)
         self._apply(transfer, Event.ABORT, now, reason=_WIRE_TO_REASON[message.reason],
                     detail=detail[:wire.MAX_DETAIL_BYTES])
 
@@ -881,8 +918,8 @@ class TransferEngine:
         elif state is State.CANCELLED and not transfer.outcome_known:
             self._surface_failure(transfer, FailureReason.CANCELLED.value,
                                   "cancelled before advertise", now)
-        if state is State.QUARANTINED or transfer.outcome_known:
-            self._stop_posting(transfer, now)
+        if failure is not None or state is State.CANCELLED or session.cancel_requested:
+            self._wind_down(transfer, now)
         if state.is_terminal and transfer.terminal_at is None:
             transfer.terminal_at = now
             if state is State.COMPLETE:
@@ -900,34 +937,77 @@ class TransferEngine:
             transfer.handle._settle(None, _error_for(transfer.request_id, reason, detail))
         if not transfer.reported_failed:
             self._report(transfer, _FAILED, reason, detail)
-        if not transfer.failure_from_peer:
-            transfer.failure_from_peer = True  # tell the peer once
-            message: wire.ControlMessage
-            if reason == FailureReason.CANCELLED.value:
-                message = wire.Cancel(transfer.request_id)
-            else:
-                message = wire.Fail(transfer.request_id,
-                                    _REASON_TO_WIRE[FailureReason(reason)],
-                                    (detail or "")[:wire.MAX_DETAIL_BYTES])
-            self._send_control(transfer.peer, message)
+        if not transfer.peer_told:
+            transfer.peer_told = True  # tell the peer once
+            # CANCEL: nothing of ours is or will be in flight, the peer must abort its side;
+            # FAIL: our posted operations run to completion, the peer should complete its own.
+            kind = wire.Cancel if transfer.abort_ops or not transfer.posted else wire.Fail
+            self._send_control(transfer.peer, kind(
+                transfer.request_id, _REASON_TO_WIRE[FailureReason(reason)],
+                (detail or "")[:wire.MAX_DETAIL_BYTES]))
 
-    def _stop_posting(self, transfer: _Transfer, now: float) -> None:
-        """No more operations for this transfer: cancel what is pending (best effort) and,
-        if nothing is, settle the session's handle now."""
-        transfer.expected = transfer.posted
-        for op in transfer.ops:
-            if op is not None and not op.final:
-                op.cancel()
+    def _wind_down(self, transfer: _Transfer, now: float) -> None:
+        """Settle the data operations of a failed or cancelled transfer, in one of two ways.
+
+        *Abort* (the deadline passed, the peer is lost, the peer sent CANCEL, or posting
+        failed here): cancel what is pending, best effort, and post nothing more.
+
+        *Complete* (anything else: a transport error, a FAIL from the peer, the TP group's
+        failure, the host's cancel): a sender that has posted any chunk posts the remaining
+        ones, so that every receive the receiver posted is matched and both sides become
+        quiescent even over a transport that cannot cancel a posted send (MPI); the receiver
+        keeps its receives. The bytes are discarded. A completing transfer still aborts at
+        the transfer deadline (``_abort_due``), so a wedged transport cannot hold it forever.
+        """
+        if transfer.state.is_terminal:
+            return
+        if transfer.abort_ops:
+            transfer.expected = transfer.posted
+            for op in transfer.ops:
+                if op is not None and not op.final:
+                    op.cancel()
+        elif not transfer.winding_down:
+            transfer.winding_down = True
+            if transfer.role is Role.SENDER and transfer.posted:
+                for chunk, op in enumerate(transfer.ops):
+                    if op is None:
+                        self._post_chunk(transfer, chunk, now, force=True)
+            else:
+                transfer.expected = transfer.posted
+            if transfer.ops_pending:
+                heapq.heappush(self._abort_at, (now + self._abort_grace_s,
+                                                next(self._abort_seq), transfer))
         if transfer.quiescent_ops and transfer.posted and transfer.state in (
                 State.QUARANTINED, State.IN_FLIGHT) and not self._table.get(
                 transfer.request_id).local_final:
             self._local_final(transfer, now)
 
+    def _abort_due(self, now: float) -> bool:
+        """Completing wind-downs whose transfer deadline passed: abort them (and tell the
+        peer to abort its side). Cost: O(due)."""
+        due = self._abort_at
+        busy = False
+        while due and due[0][0] <= now:
+            _, _, transfer = heapq.heappop(due)
+            if (self._transfers.get(transfer.request_id) is not transfer
+                    or not transfer.ops_pending or transfer.abort_ops):
+                continue
+            busy = True
+            transfer.abort_ops = True
+            self._send_control(transfer.peer, wire.Cancel(
+                transfer.request_id, wire.FailReason.TIMEOUT,
+                "operations still pending at the transfer deadline"))
+            self._wind_down(transfer, now)
+        return busy
+
     def _local_error(self, transfer: _Transfer, reason: FailureReason, detail: str,
                      now: float) -> None:
-        if transfer.state.is_terminal or transfer.state is State.QUARANTINED:
-            return
-        self._apply(transfer, Event.ABORT, now, reason=reason, detail=detail[:256])
+        """Posting failed here: what was posted is aborted (the peer is told CANCEL)."""
+        transfer.abort_ops = True
+        if transfer.state is State.QUARANTINED:
+            self._wind_down(transfer, now)
+        elif not transfer.state.is_terminal:
+            self._apply(transfer, Event.ABORT, now, reason=reason, detail=detail[:256])
 
     def _log_transitions(self, transfer: _Transfer, made: Iterable[Transition]) -> None:
         if not self._log_on:
@@ -1195,7 +1275,11 @@ class TransferEngine:
             self._on_op_final(op, now)
         for session, made in self._table.expire_due(now):
             busy = True
-            self._after(self._transfers[session.request_id], made, now)
+            transfer = self._transfers[session.request_id]
+            transfer.abort_ops = True  # past the deadline: presumed wedged, cancel
+            self._after(transfer, made, now)
+        if self._abort_at:
+            busy = self._abort_due(now) or busy
         if self._early_advertises:
             self._expire_early_advertises(now)
         if self._open_by_peer:
@@ -1219,8 +1303,9 @@ class TransferEngine:
             if now - at < timeout:
                 break
             self._drop_early(rid)
-            self._send_control(source, wire.Fail(rid, wire.FailReason.UNKNOWN_REQUEST,
-                                                 "no matching send within the queue timeout"))
+            self._send_control(source, wire.Cancel(
+                rid, wire.FailReason.UNKNOWN_REQUEST,
+                "no matching send within the queue timeout"))
 
     def _check_leases(self, now: float) -> None:
         lease = self.config.lease_s
@@ -1232,7 +1317,8 @@ class TransferEngine:
                 transfer = self._transfers.get(rid)
                 if transfer is not None and transfer.state in _OPEN_STATES \
                         and not transfer.outcome_known:
-                    transfer.failure_from_peer = True  # nobody there to tell
+                    transfer.peer_told = True  # nobody there to tell
+                    transfer.abort_ops = True
                     self._apply(transfer, Event.ABORT, now, reason=FailureReason.PEER_LOST,
                                 detail=f"no message from rank {peer} for {now - last:.1f}s")
 

@@ -197,8 +197,9 @@ class Accept:
 
 @attrs.frozen
 class Cancel:
-    """Either side -> the other: stop this transfer (the peer keeps its memory pinned until
-    its own transport is quiescent)."""
+    """Either side -> the other: this transfer failed and nothing of the sender's side is or
+    will be in flight (never posted, or cancelled), so the peer must cancel its own posted
+    operations. Each side keeps its memory pinned until its own transport is quiescent."""
 
     KIND: ClassVar[MessageKind] = MessageKind.CANCEL
     request_id: str
@@ -214,7 +215,10 @@ class Cancel:
 @attrs.frozen
 class Fail:
     """Either side -> the other: this transfer failed, with a typed reason and a short
-    human-readable detail (at most 256 bytes of UTF-8)."""
+    human-readable detail (at most 256 bytes of UTF-8), but the sender's posted operations run
+    to completion (a sending side posts its remaining chunks), so the peer should let its own
+    complete rather than cancel them: over a transport that cannot cancel a posted send, that
+    is what lets both sides become quiescent."""
 
     KIND: ClassVar[MessageKind] = MessageKind.FAIL
     request_id: str

@@ -3,7 +3,7 @@
 Generates a realistic multi-rank log directory (per-call collective logging on: an agreement
 allgather per engine tick and a bcast per batch, every request's session transitions and
 deferred frees, health changes, and a desync with flight-recorder dumps near the end), then
-times, side by side in one run:
+times, side by side in one run (taking turns, best of ``--repeats`` rounds):
 
 - ours: ``analyze_logs`` end to end, as ``kvhandoff analyze`` runs it (rank files digested in
   one worker process per CPU), and the same in one process (``workers=1``);
@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -97,13 +98,18 @@ def _cpu_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def best_of(repeats: int, fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(wall seconds, CPU seconds) of the fastest of ``repeats`` runs."""
-    best = (float("inf"), float("inf"))
+def best_of(
+    repeats: int, readers: dict[str, Callable[[], object]]
+) -> dict[str, tuple[float, float]]:
+    """Per reader, (wall seconds, CPU seconds) of its fastest of ``repeats`` runs. The readers
+    take turns, round after round, so that a change in the load of a shared machine falls on
+    all of them alike."""
+    best = {name: (float("inf"), float("inf")) for name in readers}
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        fn()
-        best = min(best, (time.perf_counter() - wall, _cpu_seconds() - cpu))
+        for name, fn in readers.items():
+            wall, cpu = time.perf_counter(), _cpu_seconds()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - wall, _cpu_seconds() - cpu))
     return best
 
 
@@ -140,20 +146,23 @@ def main() -> int:
                 decoder.decode_lines(path.read_bytes())
 
         ours()  # warm the page cache and the imports
-        t_ours = best_of(args.repeats, ours)
-        t_one = best_of(args.repeats, ours_one_process)
-        t_base = best_of(args.repeats, baseline)
-        t_decode = best_of(args.repeats, decode_only)
+        load_before = os.getloadavg()[0]
+        times = best_of(args.repeats, {
+            "ours: analyze_logs (CLI path)": ours,
+            "ours: analyze_logs, one process": ours_one_process,
+            "baseline: json.loads per line": baseline,
+            "msgspec decode_lines to dicts": decode_only,
+        })
+        t_ours = times["ours: analyze_logs (CLI path)"]
+        t_base = times["baseline: json.loads per line"]
 
     print(f"log: {args.ranks} ranks, {total} events, {size_mb:.0f} MB")
     # The machine may be shared: the load average says how much of it this run had, and
     # events per CPU-second say what one otherwise idle core does.
-    print(f"cpus: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"cpus: {os.cpu_count()}, load average before / after: {load_before:.1f} / "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'reader':<34}{'wall s':>9}{'events/s':>13}{'CPU s':>9}{'events/CPU-s':>15}")
-    for name, (wall, cpu) in (("ours: analyze_logs (CLI path)", t_ours),
-                              ("ours: analyze_logs, one process", t_one),
-                              ("baseline: json.loads per line", t_base),
-                              ("msgspec decode_lines to dicts", t_decode)):
+    for name, (wall, cpu) in times.items():
         print(f"{name:<34}{wall:>9.2f}{total / wall:>13,.0f}{cpu:>9.2f}{total / cpu:>15,.0f}")
     print(f"ours / baseline speed (wall): {t_base[0] / t_ours[0]:.2f}x")
     print(f"ours vs goal ({GOAL_EVENTS_PER_S:,} events/s, wall): "

@@ -49,8 +49,8 @@ from kvhandoff.engine._logs import (
     MISSING_FILE,
     UNREADABLE_FILE,
     InputNote,
+    Line,
     LogDirError,
-    LogLine,
     LogSet,
     Position,
     rank_files,
@@ -114,7 +114,7 @@ def _first_mismatch(logs: dict[int, CallLog]) -> int | None:
 
 
 def _divergences(digests: dict[int, RankDigest], world: list[int]) -> list[Divergence]:
-    reports: defaultdict[tuple[str, int], list[tuple[int, LogLine]]] = defaultdict(list)
+    reports: defaultdict[tuple[str, int], list[tuple[int, Line]]] = defaultdict(list)
     for rank, digest in digests.items():
         for line in digest.desyncs:
             reports[(line.comm or "", line.seq)].append((rank, line))
@@ -139,7 +139,7 @@ def _divergence_at(
     seq: int,
     digests: dict[int, RankDigest],
     world: list[int],
-    reports: list[tuple[int, LogLine]],
+    reports: list[tuple[int, Line]],
 ) -> Divergence:
     positions: dict[int, CallPosition] = {}
     # What the reporters compared is the best evidence of who was where.

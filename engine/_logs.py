@@ -7,10 +7,20 @@ off by a kill, a line that is not JSON or does not follow the schema are each re
 ``InputNote`` and reading goes on. Only a directory that cannot be listed, or one that holds no
 readable rank file at all, raises ``LogDirError``.
 
-Speed: a file is decoded in one call (``msgspec`` ``decode_lines`` into a typed struct, keys
-the analyzer does not know are skipped by the decoder). Only a file that fails as a whole is
-re-read in chunks, and only a chunk that fails is decoded line by line, so one bad line costs
-a chunk, not the file.
+Two typings of a line, which accept exactly the same lines:
+
+- ``LogLine``, one struct with every key of the schema (``read_rank_log``, ``load_logs``);
+- per event, a struct with only that event's keys (``read_rank_events``, the analyzer's path):
+  ``EnterLine``, ``ExitLine`` ... A struct is decoded, filled in and freed field by field:
+  with 8 to 11 fields instead of 41, a line costs about a third less (measured on a log of
+  mostly ``collective.enter`` / ``exit`` lines). A line these do not take - an event outside
+  the schema, a key outside its event's keys - is decoded as a ``LogLine`` instead, so that
+  what is accepted, with what values, and every note are the same as with ``LogLine`` alone.
+
+Speed: a file is decoded a chunk (about 1 MiB, cut at a newline) per ``msgspec``
+``decode_lines`` call, into typed structs; keys are matched and values checked in msgspec's C
+code. A chunk that fails is decoded again with the next typing, and only a chunk that fails
+every typing is decoded line by line, so one bad line costs a chunk, not the file.
 """
 
 from __future__ import annotations
@@ -18,13 +28,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from operator import attrgetter, countOf
 from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import attrs
 import msgspec
 
 __all__ = [
+    "EventLine",
     "InputNote",
+    "Line",
     "LogDirError",
     "LogLine",
     "LogSet",
@@ -32,14 +46,16 @@ __all__ = [
     "RankLog",
     "RecorderEntry",
     "load_logs",
+    "read_rank_events",
     "read_rank_log",
 ]
 
 RANK_FILE = re.compile(r"rank-(\d+)\.jsonl")
 
-# Lines re-decoded together after a file failed as a whole; a failing chunk is then decoded
-# line by line to find the culprit(s).
-_CHUNK_LINES = 4096
+# Bytes decoded per call (then cut at the next newline): big enough that the per-call cost
+# vanishes, small enough that a chunk decoded twice (it held a line of another typing) or
+# line by line (it held a bad line) costs little.
+_CHUNK_BYTES = 1 << 20
 
 # Kinds of InputNote.
 MISSING_FILE = "missing_file"
@@ -139,7 +155,130 @@ class LogLine(msgspec.Struct, frozen=True, gc=False):
     phase: str | None = None
 
 
+class _Event(
+    msgspec.Struct, frozen=True, gc=False, tag_field="event", forbid_unknown_fields=True
+):
+    """Keys on every line; ``event`` is the tag that picks the subclass. A key that is not
+    one of the event's (docs/log-schema.md) fails the line, which then goes to ``LogLine``."""
+
+    ts: float
+    rank: int
+    level: str = "info"
+
+
+# Fields in the order the logger writes the keys: msgspec looks a key up starting after the
+# previous key's field, so in-order keys are found at the first comparison.
+
+
+class EnterLine(_Event, tag="collective.enter", frozen=True):
+    event: ClassVar[str] = "collective.enter"
+    comm: str | None = None
+    seq: int | None = None
+    op: str | None = None
+    site: str | None = None
+    tag: str | None = None
+    root: int | None = None
+    reduce_op: str | None = None
+    summary: str | None = None
+
+
+class ExitLine(_Event, tag="collective.exit", frozen=True):
+    event: ClassVar[str] = "collective.exit"
+    comm: str | None = None
+    seq: int | None = None
+    op: str | None = None
+    site: str | None = None
+    tag: str | None = None
+    duration_s: float | None = None
+    state: str | None = None
+
+
+class DesyncLine(_Event, tag="collective.desync", frozen=True):
+    event: ClassVar[str] = "collective.desync"
+    comm: str | None = None
+    seq: int | None = None
+    op: str | None = None
+    site: str | None = None
+    tag: str | None = None
+    ranks: dict[str, Position] | None = None
+    mismatched_ranks: list[int] | None = None
+
+
+class TimeoutLine(_Event, tag="collective.timeout", frozen=True):
+    event: ClassVar[str] = "collective.timeout"
+    comm: str | None = None
+    seq: int | None = None
+    op: str | None = None
+    site: str | None = None
+    tag: str | None = None
+    deadline_s: float | None = None
+    arrived: list[int] | None = None
+    missing: list[int] | None = None
+    positions: dict[str, Position] | None = None
+
+
+class DumpLine(_Event, tag="flight_recorder.dump", frozen=True):
+    event: ClassVar[str] = "flight_recorder.dump"
+    comm: str | None = None
+    reason: str | None = None
+    entries: list[RecorderEntry] | None = None
+
+
+class TransitionLine(_Event, tag="session.transition", frozen=True):
+    event: ClassVar[str] = "session.transition"
+    request_id: str | None = None
+    role: str | None = None
+    peer: int | None = None
+    from_state: str | None = None
+    to_state: str | None = None
+    trigger: str | None = None
+    reason: str | None = None
+
+
+class CancelLine(_Event, tag="session.cancel", frozen=True):
+    event: ClassVar[str] = "session.cancel"
+    request_id: str | None = None
+    state: str | None = None
+    result: str | None = None
+    safe_to_free: bool | None = None
+
+
+class HealthLine(_Event, tag="health.change", frozen=True):
+    event: ClassVar[str] = "health.change"
+    healthy: bool | None = None
+    quarantined: int | None = None
+    quarantine_budget: int | None = None
+    seconds_since_progress: float | None = None
+    in_flight: int | None = None
+    reason: str | None = None
+    restart_requested: bool | None = None
+
+
+class DeferredFreeLine(_Event, tag="pool.deferred_free", frozen=True):
+    event: ClassVar[str] = "pool.deferred_free"
+    block_ids: list[int] | None = None
+    owner: str | None = None
+    phase: str | None = None
+
+
+EventLine = (
+    EnterLine
+    | ExitLine
+    | DesyncLine
+    | TimeoutLine
+    | DumpLine
+    | TransitionLine
+    | CancelLine
+    | HealthLine
+    | DeferredFreeLine
+)
+# What a RankLog holds: per-event structs where they apply, LogLine for the other lines. Both
+# have the schema's attribute names; an attribute of another event is only on LogLine.
+Line = LogLine | EventLine
+
 _LINE_DECODER = msgspec.json.Decoder(LogLine)
+_EVENT_DECODER = msgspec.json.Decoder(EventLine)
+_DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 @attrs.frozen
@@ -155,13 +294,17 @@ class InputNote:
     line: int | None = None
 
 
+LineT = TypeVar("LineT", LogLine, Line)
+
+
 @attrs.frozen
-class RankLog:
-    """The decoded lines of one rank's file, in file order, and what was wrong with it."""
+class RankLog(Generic[LineT]):
+    """The decoded lines of one rank's file, in file order, and what was wrong with it.
+    ``RankLog[LogLine]`` from ``read_rank_log``, ``RankLog[Line]`` from ``read_rank_events``."""
 
     rank: int
     path: str
-    lines: Sequence[LogLine]
+    lines: Sequence[LineT]
     notes: tuple[InputNote, ...] = ()
 
 
@@ -171,7 +314,7 @@ class LogSet:
     ``notes`` holds the notes of every file, and the files that could not be read."""
 
     log_dir: str
-    ranks: dict[int, RankLog]
+    ranks: dict[int, RankLog[LogLine]]
     notes: tuple[InputNote, ...] = ()
 
     @property
@@ -186,42 +329,74 @@ class LogSet:
                 yield rank, line
 
 
-def _decode_tolerant(data: bytes, path: str, rank: int) -> tuple[list[LogLine], list[InputNote]]:
-    """Decode what can be decoded; one note per line that cannot."""
-    raw_lines = data.split(b"\n")
-    ends_cleanly = data.endswith(b"\n")
-    last_index = len(raw_lines) - 1
-    lines: list[LogLine] = []
+def _decode(
+    data: bytes, path: str, rank: int, decoders: Sequence[msgspec.json.Decoder[Any]]
+) -> tuple[list[Line], list[InputNote]]:
+    """Decode every line that one of ``decoders`` (tried in order) takes; one note per line
+    that none takes, with the last decoder's error."""
+    view = memoryview(data)
+    size = len(data)
+    # A last line without its newline was probably cut off by a kill: it is decoded on its
+    # own, so that it does not send a whole chunk line by line.
+    body_end = size if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    lines: list[Line] = []
     notes: list[InputNote] = []
-    for chunk_start in range(0, len(raw_lines), _CHUNK_LINES):
-        chunk = raw_lines[chunk_start : chunk_start + _CHUNK_LINES]
-        try:
-            lines.extend(_LINE_DECODER.decode_lines(b"\n".join(chunk)))
-            continue
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass
-        for offset, raw in enumerate(chunk):
-            if not raw.strip():
-                continue
-            index = chunk_start + offset
+    start = 0
+    while start < size:
+        if start < body_end:
+            stop = data.find(b"\n", start + _CHUNK_BYTES, body_end) + 1 or body_end
+        else:
+            stop = size
+        for decoder in decoders:
             try:
-                lines.append(_LINE_DECODER.decode(raw))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                truncated = index == last_index and not ends_cleanly
-                notes.append(
-                    InputNote(
-                        kind=TRUNCATED_LINE if truncated else BAD_LINE,
-                        path=path,
-                        rank=rank,
-                        line=index + 1,
-                        detail=(
-                            "last line cut off (the process probably died while writing it)"
-                            if truncated
-                            else f"skipped: {exc}; {_excerpt(raw)}"
-                        ),
-                    )
-                )
+                lines.extend(decoder.decode_lines(view[start:stop]))
+                break
+            except _DecodeErrors:
+                continue
+        else:
+            _decode_each(data, start, stop, path, rank, decoders, lines, notes)
+        start = stop
     return lines, notes
+
+
+def _decode_each(
+    data: bytes,
+    start: int,
+    stop: int,
+    path: str,
+    rank: int,
+    decoders: Sequence[msgspec.json.Decoder[Any]],
+    lines: list[Line],
+    notes: list[InputNote],
+) -> None:
+    """Decode ``data[start:stop]`` line by line (a chunk that failed as a whole)."""
+    first_index = data.count(b"\n", 0, start)
+    raw_lines = data[start:stop].split(b"\n")
+    cut_off = stop == len(data) and not data.endswith(b"\n")
+    for offset, raw in enumerate(raw_lines):
+        if not raw.strip():
+            continue
+        for decoder in decoders:
+            try:
+                lines.append(decoder.decode(raw))
+                break
+            except _DecodeErrors as exc:
+                error = exc
+        else:
+            truncated = cut_off and offset == len(raw_lines) - 1
+            notes.append(
+                InputNote(
+                    kind=TRUNCATED_LINE if truncated else BAD_LINE,
+                    path=path,
+                    rank=rank,
+                    line=first_index + offset + 1,
+                    detail=(
+                        "last line cut off (the process probably died while writing it)"
+                        if truncated
+                        else f"skipped: {error}; {_excerpt(raw)}"
+                    ),
+                )
+            )
 
 
 def _excerpt(raw: bytes, limit: int = 60) -> str:
@@ -229,22 +404,18 @@ def _excerpt(raw: bytes, limit: int = 60) -> str:
     return repr(text + ("..." if len(raw) > limit else ""))
 
 
-def read_rank_log(path: str | os.PathLike[str], rank: int) -> RankLog:
-    """Decode one rank file. Raises ``OSError`` if it cannot be read; never raises for its
-    content (bad lines become notes)."""
+def _read(
+    path: str | os.PathLike[str], rank: int, decoders: Sequence[msgspec.json.Decoder[Any]]
+) -> tuple[str, list[Line], list[InputNote]]:
     path_str = os.fspath(path)
     with open(path_str, "rb") as file:
         data = file.read()
-    notes: list[InputNote] = []
-    try:
-        lines: list[LogLine] = _LINE_DECODER.decode_lines(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        lines, notes = _decode_tolerant(data, path_str, rank)
+    lines, notes = _decode(data, path_str, rank, decoders)
     if not lines and not notes:
         notes.append(InputNote(EMPTY_FILE, path_str, rank, "the file holds no log line"))
     # Lines are attributed to the file's rank; a line that says otherwise is worth knowing
     # about (two ranks writing one file, or a mislabelled file) but is not dropped.
-    foreign = sum(1 for line in lines if line.rank != rank)
+    foreign = len(lines) - countOf(map(_RANK, lines), rank)
     if foreign:
         notes.append(
             InputNote(
@@ -254,7 +425,25 @@ def read_rank_log(path: str | os.PathLike[str], rank: int) -> RankLog:
                 f"{foreign} line(s) carry a rank other than {rank}; counted as rank {rank}",
             )
         )
-    return RankLog(rank=rank, path=path_str, lines=lines, notes=tuple(notes))
+    return path_str, lines, notes
+
+
+_RANK = attrgetter("rank")
+
+
+def read_rank_log(path: str | os.PathLike[str], rank: int) -> RankLog[LogLine]:
+    """Decode one rank file into ``LogLine``s. Raises ``OSError`` if it cannot be read; never
+    raises for its content (bad lines become notes)."""
+    path_str, lines, notes = _read(path, rank, (_LINE_DECODER,))
+    return RankLog(rank, path_str, cast("list[LogLine]", lines), tuple(notes))
+
+
+def read_rank_events(path: str | os.PathLike[str], rank: int) -> RankLog[Line]:
+    """Decode one rank file as ``read_rank_log`` does - the same lines with the same values,
+    the same notes - but into the per-event structs where they apply (faster; see the module
+    doc). Each line has ``event`` and the attributes of its event's keys."""
+    path_str, lines, notes = _read(path, rank, (_EVENT_DECODER, _LINE_DECODER))
+    return RankLog(rank, path_str, lines, tuple(notes))
 
 
 def rank_files(log_dir: str | os.PathLike[str]) -> dict[int, Path]:
@@ -283,7 +472,7 @@ def load_logs(log_dir: str | os.PathLike[str]) -> LogSet:
     files = rank_files(log_dir)
     if not files:
         raise LogDirError(os.fspath(log_dir), "it holds no rank-<N>.jsonl file")
-    ranks: dict[int, RankLog] = {}
+    ranks: dict[int, RankLog[LogLine]] = {}
     notes: list[InputNote] = []
     for rank in sorted(files):
         path = files[rank]

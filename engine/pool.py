@@ -15,6 +15,11 @@ Pins are orthogonal: a transfer pins the blocks it moves (``pin(ids, owner=reque
 unpins them once its session is quiescent. A free block can never be pinned, and a pinned
 block never reaches the free list.
 
+A transfer may move tens of thousands of blocks, so the books are kept for whole-set work:
+the pins are one set of blocks per transfer plus the set of pinned blocks, and validation and
+bookkeeping run as set operations and C-level passes over the ids rather than a Python step
+per block (a per-block pin count is kept only for the rare block that several transfers pin).
+
 Every call validates all its arguments before it changes anything, so an error leaves the
 pool exactly as it was. ``check()`` verifies the books. ``debug=True`` poisons blocks as they
 reach the free list (NaN for floating dtypes, the byte ``0xA5`` otherwise) and verifies the
@@ -24,6 +29,7 @@ sees NaN.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -44,6 +50,10 @@ from kvhandoff.engine.errors import (
 
 #: Fill byte for poisoned blocks of non-floating dtypes.
 POISON_BLOCK_BYTE = 0xA5
+
+_EXACT_INT = frozenset({int})
+#: Up to this many ids a plain loop validates them faster than the C-level passes.
+_LOOP_MAX = 16
 
 
 class PoolLogger(Protocol):
@@ -102,8 +112,9 @@ class BlockPool:
         self._is_free = bytearray(b"\x01") * num_blocks
         self._holder: dict[int, str | None] = {}  # allocated: block -> owner
         self._deferred: dict[int, str | None] = {}  # freed while pinned: block -> last owner
-        self._pins: dict[int, set[str]] = {}  # block -> transfers pinning it
         self._pinned_by: dict[str, set[int]] = {}  # transfer -> blocks it pins
+        self._pins: set[int] = set()  # blocks that at least one transfer pins
+        self._shared_pins: dict[int, int] = {}  # block -> transfers pinning it, only when >= 2
         if self.debug:
             self._poison(range(num_blocks))
 
@@ -144,6 +155,7 @@ class BlockPool:
 
     @property
     def num_pinned(self) -> int:
+        """Blocks that at least one transfer pins."""
         return len(self._pins)
 
     def is_free(self, block_id: int) -> bool:
@@ -159,8 +171,10 @@ class BlockPool:
 
     def pins(self, block_id: int) -> frozenset[str]:
         """The transfers pinning ``block_id`` (empty when none)."""
-        self._check_known([block_id])
-        return frozenset(self._pins.get(block_id, ()))
+        (block_id,) = self._check_known([block_id])
+        if block_id not in self._pins:
+            return frozenset()
+        return frozenset(owner for owner, blocks in self._pinned_by.items() if block_id in blocks)
 
     def pinned_by(self, owner: str) -> frozenset[int]:
         """The blocks ``owner`` pins."""
@@ -179,15 +193,22 @@ class BlockPool:
             raise PoolConfigError("n", n, "an int >= 0")
         if n > len(self._free):
             raise OutOfBlocksError(n, len(self._free))
-        taken = [self._free[i] for i in range(n)]
+        free_list = self._free
+        taken = list(itertools.islice(free_list, n))  # indexing a deque mid-way is O(n)
         if self.debug and taken:
             written = self._unpoisoned(taken)
             if written:
                 raise PoisonError(written)
+        if n == len(free_list):
+            free_list.clear()
+        else:
+            popleft = free_list.popleft
+            for _ in range(n):
+                popleft()
+        is_free = self._is_free
         for block_id in taken:
-            self._free.popleft()
-            self._is_free[block_id] = 0
-            self._holder[block_id] = owner
+            is_free[block_id] = 0
+        self._holder.update(dict.fromkeys(taken, owner))
         return taken
 
     def free(self, block_ids: Iterable[int], owner: str | None = None) -> list[int]:
@@ -198,25 +219,34 @@ class BlockPool:
         Raises ``UnknownBlockError``, ``DoubleFreeError`` (already free or freed, or listed
         twice) or ``NotOwnerError`` (held by someone else), changing nothing."""
         ids = self._check_known(block_ids)
-        twice = [b for b, n in Counter(ids).items() if n > 1]
-        already = [b for b in ids if self._is_free[b] or b in self._deferred]
-        if twice or already:
+        id_set = set(ids)
+        if (len(id_set) != len(ids) or self._any_free(ids)
+                or (self._deferred and not id_set.isdisjoint(self._deferred))):
+            twice = [b for b, n in Counter(ids).items() if n > 1]
+            already = [b for b in ids if self._is_free[b] or b in self._deferred]
             raise DoubleFreeError(sorted(set(twice) | set(already)))
-        not_held = [b for b in ids if self._holder[b] != owner]
-        if not_held:
-            raise NotOwnerError(not_held, owner, {b: self._holder[b] for b in not_held})
+        holder = self._holder
+        # Every id is allocated now. For a str or None owner a count over the holders is
+        # exactly "every holder == owner"; anything else takes the per-block comparison.
+        if (owner is not None and type(owner) is not str) or list(
+                map(holder.__getitem__, ids)).count(owner) != len(ids):
+            not_held = [b for b in ids if holder[b] != owner]
+            if not_held:
+                raise NotOwnerError(not_held, owner, {b: holder[b] for b in not_held})
 
-        released: list[int] = []
-        deferred: dict[str, list[int]] = {}
         for block_id in ids:
-            del self._holder[block_id]
-            pinners = self._pins.get(block_id)
-            if pinners:
-                self._deferred[block_id] = owner
-                for pinner in sorted(pinners):
-                    deferred.setdefault(pinner, []).append(block_id)
-            else:
-                released.append(block_id)
+            del holder[block_id]
+        released: list[int] = ids
+        deferred: dict[str, list[int]] = {}
+        if self._pins and not id_set.isdisjoint(self._pins):
+            pinned = id_set & self._pins
+            released = [b for b in ids if b not in pinned]
+            pinners_of = self._pinners_of(pinned)
+            for block_id in ids:
+                if block_id in pinned:
+                    self._deferred[block_id] = owner
+                    for pinner in pinners_of[block_id]:
+                        deferred.setdefault(pinner, []).append(block_id)
         self._release(released)
         for pinner, blocks in deferred.items():
             self._log(blocks, pinner, "deferred")
@@ -230,21 +260,29 @@ class BlockPool:
         free, was already freed by its holder, or is already pinned by ``owner``."""
         self._check_owner(owner)
         ids = self._check_known(block_ids)
-        if len(set(ids)) != len(ids):
+        id_set = set(ids)
+        if len(id_set) != len(ids):
             raise PinError(ids, owner, "a block id is listed twice")
-        free = [b for b in ids if self._is_free[b]]
-        if free:
+        if self._any_free(ids):
+            free = [b for b in ids if self._is_free[b]]
             raise PinError(free, owner, "the blocks are free: allocate them first")
-        freed = [b for b in ids if b in self._deferred]
-        if freed:
+        if self._deferred and not id_set.isdisjoint(self._deferred):
+            freed = [b for b in ids if b in self._deferred]
             raise PinError(freed, owner, "their holder already freed them")
-        mine = self._pinned_by.get(owner, set())
-        twice = [b for b in ids if b in mine]
-        if twice:
+        mine = self._pinned_by.get(owner)
+        if mine is not None and not mine.isdisjoint(id_set):
+            twice = [b for b in ids if b in mine]
             raise PinError(twice, owner, "already pinned by this owner")
-        for block_id in ids:
-            self._pins.setdefault(block_id, set()).add(owner)
-        self._pinned_by.setdefault(owner, set()).update(ids)
+        pins = self._pins
+        if not pins.isdisjoint(id_set):  # blocks that other transfers pin too
+            shared = self._shared_pins
+            for block_id in pins & id_set:
+                shared[block_id] = shared.get(block_id, 1) + 1
+        pins |= id_set
+        if mine is None:
+            self._pinned_by[owner] = id_set
+        else:
+            mine |= id_set
 
     def unpin(self, block_ids: Iterable[int], owner: str) -> list[int]:
         """Remove ``owner``'s pin from the blocks. Deferred blocks whose last pin this was go
@@ -252,24 +290,39 @@ class BlockPool:
         their ids are returned. ``PinError`` when ``owner`` does not pin one of them."""
         self._check_owner(owner)
         ids = self._check_known(block_ids)
-        if len(set(ids)) != len(ids):
+        id_set = set(ids)
+        if len(id_set) != len(ids):
             raise PinError(ids, owner, "a block id is listed twice")
-        mine = self._pinned_by.get(owner, set())
-        missing = [b for b in ids if b not in mine]
-        if missing:
-            raise PinError(missing, owner, "this owner does not pin them")
-        released: list[int] = []
-        for block_id in ids:
-            pinners = self._pins[block_id]
-            pinners.discard(owner)
-            mine.discard(block_id)
-            if not pinners:
-                del self._pins[block_id]
-                if block_id in self._deferred:
-                    del self._deferred[block_id]
-                    released.append(block_id)
-        if not mine:
+        mine = self._pinned_by.get(owner)
+        if mine is None or not id_set <= mine:
+            missing = [b for b in ids if mine is None or b not in mine]
+            if missing:
+                raise PinError(missing, owner, "this owner does not pin them")
+        if mine is None:
+            return []  # nothing listed, and this owner pins nothing
+        unpinned = id_set  # the blocks that no transfer pins any more
+        shared = self._shared_pins
+        if shared and not id_set.isdisjoint(shared):
+            still = id_set.intersection(shared)
+            for block_id in still:
+                left = shared[block_id] - 1
+                if left > 1:
+                    shared[block_id] = left
+                else:
+                    del shared[block_id]
+            unpinned = id_set - still
+        self._pins -= unpinned
+        if len(id_set) == len(mine):  # a subset of the same size: all of them
             del self._pinned_by[owner]
+        else:
+            mine -= id_set
+        released: list[int] = []
+        if self._deferred:
+            due = self._deferred.keys() & unpinned
+            if due:
+                released = [b for b in ids if b in due]
+                for block_id in released:
+                    del self._deferred[block_id]
         self._release(released)
         if released:
             self._log(released, owner, "released")
@@ -308,20 +361,19 @@ class BlockPool:
             if block_id in free_set:
                 problems.append(f"block {block_id} is pinned but on the free list")
                 bad.add(block_id)
-            if not self._pins[block_id]:
-                problems.append(f"block {block_id} has an empty pin set")
-                bad.add(block_id)
         for block_id in self._deferred:
-            if not self._pins.get(block_id):
+            if block_id not in self._pins:
                 problems.append(f"block {block_id} is deferred but nothing pins it")
                 bad.add(block_id)
-        by_owner = {
-            (owner, b) for owner, blocks in self._pinned_by.items() for b in blocks
-        }
-        by_block = {(owner, b) for b, owners in self._pins.items() for owner in owners}
-        if by_owner != by_block:
+        # The per-block pin indexes must follow from the per-transfer sets exactly.
+        pin_counts = Counter(b for blocks in self._pinned_by.values() for b in blocks)
+        shared = {b: n for b, n in pin_counts.items() if n > 1}
+        wrong = set(pin_counts).symmetric_difference(self._pins)
+        wrong.update(b for b in shared.keys() | self._shared_pins.keys()
+                     if shared.get(b) != self._shared_pins.get(b))
+        if wrong:
             problems.append("the pin indexes disagree")
-            bad.update(b for _, b in by_owner ^ by_block)
+            bad.update(wrong)
         if problems:
             raise PoolInvariantError(problems, sorted(bad))
 
@@ -344,9 +396,13 @@ class BlockPool:
     def _check_known(self, block_ids: Iterable[Any]) -> list[int]:
         if isinstance(block_ids, (str, bytes)):
             raise UnknownBlockError([block_ids], self.num_blocks)
+        seq = block_ids if isinstance(block_ids, (tuple, list)) else list(block_ids)
+        if (len(seq) > _LOOP_MAX and _EXACT_INT.issuperset(map(type, seq))
+                and min(seq) >= 0 and max(seq) < self.num_blocks):
+            return list(seq)  # only exact ints (no bool), all in range: C-level passes
         ids: list[int] = []
         bad: list[Any] = []
-        for raw in block_ids:
+        for raw in seq:
             try:  # ints, numpy ints and integer 0-d tensors; never bools or floats
                 block_id = operator.index(raw) if not isinstance(raw, bool) else -1
             except TypeError:
@@ -359,6 +415,19 @@ class BlockPool:
             raise UnknownBlockError(bad, self.num_blocks)
         return ids
 
+    def _any_free(self, ids: list[int]) -> bool:
+        return any(map(self._is_free.__getitem__, ids))
+
+    def _pinners_of(self, blocks: set[int]) -> dict[int, list[str]]:
+        """The transfers pinning each of ``blocks``, sorted."""
+        pinners: dict[int, list[str]] = {b: [] for b in blocks}
+        for owner, pinned in self._pinned_by.items():
+            for block_id in pinned & blocks:
+                pinners[block_id].append(owner)
+        for owners in pinners.values():
+            owners.sort()
+        return pinners
+
     @staticmethod
     def _check_owner(owner: Any) -> None:
         if not isinstance(owner, str) or not owner:
@@ -369,9 +438,10 @@ class BlockPool:
             return
         if self.debug:
             self._poison(block_ids)
+        self._free.extend(block_ids)
+        is_free = self._is_free
         for block_id in block_ids:
-            self._free.append(block_id)
-            self._is_free[block_id] = 1
+            is_free[block_id] = 1
 
     def _index(self, block_ids: Iterable[int]) -> torch.Tensor:
         return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)

@@ -25,6 +25,8 @@ class CancelResult(enum.Enum):
     #: The transport cannot cancel the posted operation: the transfer runs to its own end.
     NOT_CANCELLABLE = "NOT_CANCELLABLE"
 
+    __hash__ = object.__hash__  # members are singletons: see ``State``
+
     @property
     def safe_to_free(self) -> bool:
         """True for exactly ``NOT_FOUND``, ``ALREADY_COMPLETE`` and

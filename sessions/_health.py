@@ -73,12 +73,16 @@ class Health:
 
 
 def _check_now(value: float) -> float:
+    if type(value) is float and math.isfinite(value):  # the usual case, checked first
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgumentError("now", value, "a finite number of seconds")
     return float(value)
 
 
 def _check_count(name: str, value: int) -> int:
+    if type(value) is int and value >= 0:  # the usual case (never a bool), checked first
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgumentError(name, value, "an int >= 0")
     return value

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from kvhandoff.sessions._table import Event, FailureReason, Role, State, next_state
+from kvhandoff.sessions._table import TRANSITIONS, Event, FailureReason, Role, State
 from kvhandoff.sessions.errors import InvalidArgumentError, TransitionError
 
 
@@ -149,8 +149,15 @@ class SessionSnapshot:
 
 # --- argument checks -------------------------------------------------------------------------
 
+_isfinite = math.isfinite
+_EXACT_INT = frozenset({int})
+#: Up to this many block ids a plain loop checks them faster than the C-level passes.
+_LOOP_MAX = 16
+
 
 def _check_time(name: str, value: float) -> float:
+    if type(value) is float and _isfinite(value):  # the usual case, checked first
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgumentError(name, value, "a finite number of seconds")
     return float(value)
@@ -159,6 +166,8 @@ def _check_time(name: str, value: float) -> float:
 def _check_timeout(name: str, value: float | None) -> float | None:
     if value is None:
         return None
+    if type(value) is float and _isfinite(value) and value > 0:  # the usual case
+        return value
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or value <= 0):
         raise InvalidArgumentError(name, value, "None (no deadline) or a positive number")
@@ -168,9 +177,15 @@ def _check_timeout(name: str, value: float | None) -> float | None:
 def check_block_ids(block_ids: Iterable[int]) -> tuple[int, ...]:
     """``block_ids`` as a tuple of distinct non-negative ints, or ``InvalidArgumentError``."""
     ids = tuple(block_ids)
-    for block_id in ids:
-        if isinstance(block_id, bool) or not isinstance(block_id, int) or block_id < 0:
+    if len(ids) > _LOOP_MAX and _EXACT_INT.issuperset(map(type, ids)):
+        # Only exact ints (so no bool): one C-level pass for the sign instead of a Python
+        # loop per id; a transfer may list tens of thousands of blocks.
+        if min(ids) < 0:
             raise InvalidArgumentError("block_ids", ids, "non-negative int block ids")
+    else:
+        for block_id in ids:
+            if isinstance(block_id, bool) or not isinstance(block_id, int) or block_id < 0:
+                raise InvalidArgumentError("block_ids", ids, "non-negative int block ids")
     if len(set(ids)) != len(ids):
         raise InvalidArgumentError("block_ids", ids, "distinct block ids")
     return ids
@@ -200,7 +215,9 @@ def _post(s: TransferSession, d: Advertised, now: float, h: object, f: Failure |
 def _local_done(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
     if d.local_final:
         raise _refuse(s, Event.HANDLE_DONE, "the local handle is already final")
-    return attrs.evolve(d, local_final=True)
+    # Every transfer passes here: built directly, as ``attrs.evolve`` costs several times more.
+    return InFlight(handle=d.handle, posted_at=d.posted_at, transfer_deadline=d.transfer_deadline,
+                    local_final=True, cancel_requested=d.cancel_requested)
 
 
 def _local_failed(s: TransferSession, d: InFlight, now: float, h: object,
@@ -322,17 +339,25 @@ _BUILDERS: dict[tuple[State, Event], _Builder] = {
     (State.QUARANTINED, Event.QUIESCED): _settle_quarantine,
 }
 
+#: ``TRANSITIONS`` and ``_BUILDERS`` joined: state -> event -> (next state, builder), so that
+#: ``apply`` makes one lookup per transition. A miss is an illegal event, as in ``next_state``.
+_STEPS: dict[State, dict[Event, tuple[State, _Builder]]] = {
+    state: {event: (target, _BUILDERS[(state, event)]) for event, target in row.items()}
+    for state, row in TRANSITIONS.items()
+}
+
 # Which events take which keyword arguments of apply().
 _TAKES_HANDLE = frozenset({Event.POSTED})
 _TAKES_REASON = frozenset({Event.ABORT, Event.HANDLE_FAILED, Event.EXPIRE})
 _NEEDS_REASON = frozenset({Event.ABORT})
+_REASON_EVENTS = "no reason or detail except with ABORT, HANDLE_FAILED, EXPIRE"
 
 
 def _waits_only_for_quiescence(data: SessionData) -> bool:
     """The state-triggered rule (see the table's theory of operation)."""
-    if isinstance(data, Quarantined):
+    if type(data) is Quarantined:
         return data.quiescent
-    if isinstance(data, InFlight):
+    if type(data) is InFlight:
         return data.cancel_requested and data.local_final
     return False
 
@@ -431,10 +456,12 @@ class TransferSession:
     def deadline(self) -> float | None:
         """The deadline that ``EXPIRE`` answers to in the current state (queue deadline while
         ``QUEUED``, transfer deadline while ``ADVERTISED`` / ``IN_FLIGHT``), else None."""
-        if isinstance(self.data, Queued):
-            return self.data.queue_deadline
-        if isinstance(self.data, (Advertised, InFlight)):
-            return self.data.transfer_deadline
+        data = self.data
+        # Exact types (the per-state classes are final; ``state`` dispatches on type too).
+        if type(data) is Queued:
+            return data.queue_deadline
+        if type(data) is Advertised or type(data) is InFlight:
+            return data.transfer_deadline
         return None
 
     def snapshot(self) -> SessionSnapshot:
@@ -471,45 +498,55 @@ class TransferSession:
         ``queue_timeout`` / ``transfer_timeout``). An illegal event raises ``TransitionError``,
         a bad argument ``InvalidArgumentError``; either way the session is unchanged.
         """
-        if not isinstance(event, Event):
+        if type(event) is not Event:  # Event has members, so it has no subclasses
             raise InvalidArgumentError("event", event, "an Event member")
-        from_state = self.state
-        to_state = next_state(self.request_id, from_state, event)
-        now = _check_time("now", now)
-        if self._history and now < self._history[-1].at:
+        data = self.data
+        from_state = STATE_OF_DATA[type(data)]
+        try:
+            to_state, build = _STEPS[from_state][event]
+        except KeyError:
+            raise TransitionError(self.request_id, from_state, event) from None
+        if type(now) is not float or not _isfinite(now):
+            now = _check_time("now", now)
+        history = self._history
+        if history and now < history[-1].at:
             raise InvalidArgumentError(
-                "now", now, f"a time not before the last transition ({self._history[-1].at})"
+                "now", now, f"a time not before the last transition ({history[-1].at})"
             )
         if (handle is not None) != (event in _TAKES_HANDLE):
             raise InvalidArgumentError(
                 "handle", handle, "a handle with POSTED (and only with POSTED)"
             )
-        if reason is None and event in _NEEDS_REASON:
-            raise InvalidArgumentError("reason", reason, f"a FailureReason with {event.name}")
-        if (reason is not None or detail is not None) and event not in _TAKES_REASON:
-            raise InvalidArgumentError(
-                "reason", reason, "no reason or detail except with ABORT, HANDLE_FAILED, EXPIRE"
-            )
         failure = None
-        if reason is not None:
+        if reason is None:
+            if event in _NEEDS_REASON:
+                raise InvalidArgumentError("reason", reason, f"a FailureReason with {event.name}")
+            if detail is not None:
+                if event not in _TAKES_REASON:
+                    raise InvalidArgumentError("reason", reason, _REASON_EVENTS)
+                raise InvalidArgumentError(
+                    "detail", detail, "a detail only together with a reason"
+                )
+        else:
+            if event not in _TAKES_REASON:
+                raise InvalidArgumentError("reason", reason, _REASON_EVENTS)
             try:
                 failure = Failure(FailureReason(reason), detail)
             except ValueError:
                 raise InvalidArgumentError(
                     "reason", reason, "one of " + ", ".join(r.value for r in FailureReason)
                 ) from None
-        elif detail is not None:
-            raise InvalidArgumentError("detail", detail, "a detail only together with a reason")
 
-        data = _BUILDERS[(from_state, event)](self, self.data, now, handle, failure)
-        made = [Transition(now, from_state, to_state, event, getattr(data, "failure", None))]
+        data = build(self, data, now, handle, failure)
+        made: tuple[Transition, ...] = (
+            Transition(now, from_state, to_state, event, getattr(data, "failure", None)),
+        )
         # State-triggered: a session that only waits for quiescence and has it settles now.
         if _waits_only_for_quiescence(data):
-            settled_from = to_state
-            settled_to = next_state(self.request_id, settled_from, Event.QUIESCED)
-            data = _BUILDERS[(settled_from, Event.QUIESCED)](self, data, now, None, None)
-            made.append(Transition(now, settled_from, settled_to, Event.QUIESCED,
-                                   getattr(data, "failure", None)))
+            settled_to, settle = _STEPS[to_state][Event.QUIESCED]
+            data = settle(self, data, now, None, None)
+            made += (Transition(now, to_state, settled_to, Event.QUIESCED,
+                                getattr(data, "failure", None)),)
         self.data = data
-        self._history.extend(made)
-        return tuple(made)
+        history.extend(made)
+        return made

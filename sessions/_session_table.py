@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 from kvhandoff.sessions._cancel import CancelResult, decide_cancel
 from kvhandoff.sessions._session import TransferSession, Transition
-from kvhandoff.sessions._table import Event, FailureReason, Role, State
+from kvhandoff.sessions._table import TERMINAL_STATES, Event, FailureReason, Role, State
 from kvhandoff.sessions.errors import (
     DuplicateSessionError,
     NotReleasableError,
@@ -78,7 +78,7 @@ class SessionTable:
     @property
     def in_flight(self) -> int:
         """Sessions with a posted operation not yet settled (``IN_FLIGHT`` + ``QUARANTINED``)."""
-        return sum(self._counts[state] for state in IN_FLIGHT_STATES)
+        return sum(map(self._counts.__getitem__, IN_FLIGHT_STATES))
 
     @property
     def quarantined(self) -> int:
@@ -111,7 +111,7 @@ class SessionTable:
         )
         self._sessions[request_id] = session
         self._counts[session.state] += 1
-        self._watch_deadline(session)
+        self._watch_deadline(session, session.deadline)
         return session
 
     def apply(
@@ -127,10 +127,12 @@ class SessionTable:
         """``TransferSession.apply`` on the session of ``request_id``, keeping the indexes in
         step. Raises ``UnknownSessionError``, ``TransitionError`` or
         ``InvalidArgumentError`` with the table unchanged."""
-        session = self.get(request_id)
+        session = self._sessions.get(request_id)
+        if session is None:
+            raise UnknownSessionError(request_id)
         before, deadline_before = session.state, session.deadline
         made = session.apply(event, now, handle=handle, reason=reason, detail=detail)
-        self._moved(session, before, deadline_before)
+        self._moved(session, before, made[-1].to_state, deadline_before)
         return made
 
     def cancel(
@@ -196,21 +198,21 @@ class SessionTable:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _moved(self, session: TransferSession, before: State,
+    def _moved(self, session: TransferSession, before: State, after: State,
                deadline_before: float | None) -> None:
-        after = session.state
         if after is not before:
-            self._counts[before] -= 1
-            self._counts[after] += 1
-            if after.is_terminal:
+            counts = self._counts
+            counts[before] -= 1
+            counts[after] += 1
+            if after in TERMINAL_STATES:
                 self._terminal[session.request_id] = None
         # A new deadline (the transfer deadline on advertise) needs a heap entry; IN_FLIGHT
         # keeps ADVERTISED's deadline, whose entry is still in the heap.
-        if session.deadline != deadline_before:
-            self._watch_deadline(session)
-
-    def _watch_deadline(self, session: TransferSession) -> None:
         deadline = session.deadline
+        if deadline != deadline_before:
+            self._watch_deadline(session, deadline)
+
+    def _watch_deadline(self, session: TransferSession, deadline: float | None) -> None:
         if deadline is None:
             return
         heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), session.request_id))

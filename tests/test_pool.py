@@ -45,7 +45,7 @@ def books(pool: BlockPool) -> tuple[Any, ...]:
     """Everything observable about the pool's bookkeeping."""
     return (
         list(pool._free), bytes(pool._is_free), dict(pool._holder), dict(pool._deferred),
-        copy.deepcopy(pool._pins), copy.deepcopy(pool._pinned_by),
+        copy.deepcopy(pool._pins), copy.deepcopy(pool._pinned_by), dict(pool._shared_pins),
     )
 
 

@@ -6,7 +6,7 @@ and exit non-zero. Prints ``rank R engine torch OK`` per rank."""
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 import zlib
 from datetime import timedelta
 
@@ -68,21 +68,22 @@ async def run_rank(rank: int) -> None:
     transport.close()
 
 
-def worker(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def worker(rank: int, world: int, store_path: str) -> None:
+    # A file rendezvous, not a TCP port picked in advance: a port chosen free can be taken
+    # by another job before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
     anyio.run(run_rank, rank)
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank} engine torch OK", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous_file() -> str:
+    """A fresh path for the file rendezvous (it must not exist yet)."""
+    folder = tempfile.mkdtemp(prefix="kvhandoff-gloo-")
+    return os.path.join(folder, "rendezvous")
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(2, free_port()), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, rendezvous_file()), nprocs=2, join=True)

@@ -7,8 +7,8 @@ rank makes ``torch.multiprocessing.spawn`` terminate the others and exit non-zer
 from __future__ import annotations
 
 import os
-import socket
 import sys
+import tempfile
 import time
 from datetime import timedelta
 
@@ -37,7 +37,7 @@ def drain(transport, handles):
     return seen
 
 
-def worker(rank: int, world: int, port: int) -> None:
+def worker(rank: int, world: int, store_path: str) -> None:
     from kvhandoff.engine._wire import Accept, Heartbeat, decode, encode
     from kvhandoff.engine.transports import (
         HandleState,
@@ -46,9 +46,10 @@ def worker(rank: int, world: int, port: int) -> None:
         TransportClosedError,
     )
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    # A file rendezvous, not a TCP port picked in advance: a port chosen free can be taken
+    # by another job before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
     t = TorchDistTransport()
     assert (t.rank, t.world_size, t.backend) == (rank, world, "gloo")
     assert not t.cancellable and t.cancellable_kinds == frozenset()
@@ -107,12 +108,12 @@ def worker(rank: int, world: int, port: int) -> None:
     print(f"rank {rank}/{world} torch transport OK", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous_file() -> str:
+    """A fresh path for the file rendezvous (it must not exist yet)."""
+    folder = tempfile.mkdtemp(prefix="kvhandoff-gloo-")
+    return os.path.join(folder, "rendezvous")
 
 
 if __name__ == "__main__":
     world_size = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    mp.spawn(worker, args=(world_size, free_port()), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(world_size, rendezvous_file()), nprocs=world_size, join=True)

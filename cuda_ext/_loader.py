@@ -72,8 +72,15 @@ def _cuda_wanted() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+# at::parallel_for is inline OpenMP in torch's headers (its CPU builds use the OpenMP backend):
+# without -fopenmp the CPU kernel would silently run on one thread.
+_CFLAGS = ("-O3", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+
+
 def _build_name(with_cuda: bool) -> str:
     digest = hashlib.sha256()
+    digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     for name in _HASHED:
         digest.update((CSRC / name).read_bytes())
     digest.update(torch.__version__.encode())
@@ -171,7 +178,7 @@ class ExtensionLoader:
         name = _build_name(with_cuda)
         build_dir = (self._cache_dir or default_cache_dir()) / name
         sources = [str(CSRC / s) for s in _CPU_SOURCES]
-        cflags = ["-O3"]
+        cflags = list(_CFLAGS)
         if with_cuda:
             sources += [str(CSRC / s) for s in _CUDA_SOURCES]
             cflags.append("-DKVHANDOFF_WITH_CUDA")
@@ -184,6 +191,7 @@ class ExtensionLoader:
                 extra_cflags=cflags,
                 extra_cuda_cflags=["-O3"],
                 extra_include_paths=[str(CSRC)],
+                extra_ldflags=list(_LDFLAGS),
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
                 verbose=False,

@@ -106,6 +106,31 @@ void copy_blocks_cpu(const Plan& plan, bool gather) {
   const int64_t tasks = pairs * chunks;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / chunk_nbytes);
 
+  if (chunks == 1) {
+    // Whole blocks (the common case, and the only one for small blocks): walk (tensor, id)
+    // incrementally, with no division per block, since per-block overhead is what small
+    // blocks are made of.
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      int64_t t = begin / plan.num_ids;
+      int64_t j = begin % plan.num_ids;
+      char* packed = plan.packed + begin * block_nbytes;
+      const size_t len = static_cast<size_t>(block_nbytes);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        char* pool = plan.bases[t] + plan.ids[j] * block_nbytes;
+        if (gather) {
+          std::memcpy(packed, pool, len);
+        } else {
+          std::memcpy(pool, packed, len);
+        }
+        packed += block_nbytes;
+        if (++j == plan.num_ids) {
+          j = 0;
+          ++t;
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / chunks;  // == t * num_ids + j, the packed block index

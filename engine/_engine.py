@@ -378,6 +378,11 @@ class TransferEngine:
 
     The public calls (``send``, ``receive``, ``cancel``, ``health``, ``session``, ``stats``)
     never block. Use from the event loop that entered the context; not thread-safe.
+
+    Leaving the context drains, and a TP group's drain ends only when every rank of the group
+    drains: ranks in separate processes do that naturally, but several in-process ranks that
+    share one task must drain concurrently (``drain()`` of each in one task group) before
+    their contexts exit, or each exit waits out ``drain_timeout_s`` for the ones after it.
     """
 
     def __init__(

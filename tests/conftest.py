@@ -24,7 +24,9 @@ def find_mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-def _run_with_timeout(cmd: Sequence[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_with_timeout(
+    cmd: Sequence[str], timeout: float, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (all ranks)."""
     proc = subprocess.Popen(
         list(cmd),

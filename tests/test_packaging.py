@@ -17,17 +17,17 @@ SUBPACKAGES = ("sessions", "collectives", "cuda_ext", "engine")
 def test_subpackages_import_from_outside_repo(tmp_path: Path) -> None:
     code = (
         "import importlib, kvhandoff, sys\n"
-        "for name in %r:\n"
+        f"for name in {SUBPACKAGES!r}:\n"
         "    mod = importlib.import_module('kvhandoff.' + name)\n"
         "    print(name, mod.__file__)\n"
-        "for name in %r:\n"
+        f"for name in {SUBPACKAGES!r}:\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
         "    except ImportError:\n"
         "        pass\n"
         "    else:\n"
         "        sys.exit('top-level ' + name + ' importable')\n"
-    ) % (SUBPACKAGES, SUBPACKAGES)
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

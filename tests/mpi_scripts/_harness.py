@@ -6,10 +6,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+# How long a failing rank waits between writing its report and aborting the job: Abort tears
+# every process down at once, and the launcher may not have forwarded the report yet.
+_FORWARD_GRACE_S = 0.5
 
 
 def mpi_main(fn: Callable[[Any], None]) -> None:
@@ -19,9 +25,9 @@ def mpi_main(fn: Callable[[Any], None]) -> None:
     try:
         fn(comm)
     except BaseException:  # any failure, KeyboardInterrupt included, must abort every rank
+        report = f"[rank {comm.Get_rank()}] FAILED:\n{traceback.format_exc()}"
         sys.stdout.flush()
-        print(f"[rank {comm.Get_rank()}] FAILED:", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
+        os.write(2, report.encode())  # one write: the report arrives whole or not at all
+        time.sleep(_FORWARD_GRACE_S)
         comm.Abort(1)
     sys.stdout.flush()

@@ -256,6 +256,13 @@ class Transport(abc.ABC):
             raise InvalidTagError(tag, self.max_tag)
         return tag
 
+    def _check_post(self, kind: HandleKind, buf: object, peer: object,
+                    tag: object) -> tuple[int, int, torch.Tensor]:
+        """The checks every ``post_send`` / ``post_recv`` starts with: open, a known peer, a
+        data tag in range, a contiguous tensor. Returns ``(peer, tag, byte view)``."""
+        self._check_open(f"post_{kind.value}")
+        return self._check_peer(peer), self._check_tag(tag), as_byte_view(buf)
+
     def _check_payload(self, payload: object) -> bytes:
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"control payload must be bytes, not {type(payload).__name__}")

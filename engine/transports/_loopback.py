@@ -19,7 +19,6 @@ from kvhandoff.engine.transports._base import (
     HandleState,
     Transport,
     TransportHandle,
-    as_byte_view,
 )
 
 __all__ = ["LoopbackTransport", "loopback_group"]
@@ -145,9 +144,7 @@ class LoopbackTransport(Transport):
         return self._post(HandleKind.RECV, buf, peer, tag)
 
     def _post(self, kind: HandleKind, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
-        self._check_open(f"post_{kind.value}")
-        handle = _LoopbackHandle(self, kind, self._check_peer(peer), self._check_tag(tag),
-                                 as_byte_view(buf))
+        handle = _LoopbackHandle(self, kind, *self._check_post(kind, buf, peer, tag))
         self._hub.post(handle)
         return handle
 

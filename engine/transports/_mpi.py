@@ -23,7 +23,6 @@ from kvhandoff.engine.transports._base import (
     HandleState,
     Transport,
     TransportHandle,
-    as_byte_view,
 )
 from kvhandoff.engine.transports.errors import InvalidBufferError, TransportUnavailableError
 
@@ -104,10 +103,7 @@ class MPITransport(Transport):
         return self._post(HandleKind.RECV, buf, peer, tag)
 
     def _post(self, kind: HandleKind, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
-        self._check_open(f"post_{kind.value}")
-        peer = self._check_peer(peer)
-        tag = self._check_tag(tag)
-        data = as_byte_view(buf)
+        peer, tag, data = self._check_post(kind, buf, peer, tag)
         spec = [self._buffer_spec(data), self._mpi.BYTE]
         if kind is HandleKind.SEND:
             request = self._comm.Isend(spec, dest=peer, tag=tag)

@@ -37,7 +37,6 @@ from kvhandoff.engine.transports._base import (
     HandleState,
     Transport,
     TransportHandle,
-    as_byte_view,
 )
 from kvhandoff.engine.transports.errors import InvalidBufferError, TransportUnavailableError
 
@@ -134,10 +133,7 @@ class TorchDistTransport(Transport):
         return self._post(HandleKind.RECV, buf, peer, tag)
 
     def _post(self, kind: HandleKind, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
-        self._check_open(f"post_{kind.value}")
-        peer = self._check_peer(peer)
-        tag = self._check_tag(tag)
-        data = as_byte_view(buf)
+        peer, tag, data = self._check_post(kind, buf, peer, tag)
         if self._device_type is not None and data.device.type != self._device_type:
             raise InvalidBufferError(
                 f"the {self.backend} backend moves {self._device_type} tensors, got a "

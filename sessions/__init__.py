@@ -18,6 +18,7 @@ from kvhandoff.sessions._health import (
 )
 from kvhandoff.sessions._session import (
     Advertised,
+    BlockIds,
     Cancelled,
     Complete,
     Failed,
@@ -29,15 +30,19 @@ from kvhandoff.sessions._session import (
     SessionSnapshot,
     TransferSession,
     Transition,
+    check_block_ids,
 )
-from kvhandoff.sessions._session_table import IN_FLIGHT_STATES, SessionTable
+from kvhandoff.sessions._session_table import SessionTable
 from kvhandoff.sessions._table import (
+    IN_FLIGHT_STATES,
+    OPEN_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     Event,
     FailureReason,
     Role,
     State,
+    allows,
     next_state,
 )
 from kvhandoff.sessions.errors import (
@@ -52,10 +57,12 @@ from kvhandoff.sessions.errors import (
 __all__ = [
     "IN_FLIGHT_STATES",
     "NO_PROGRESS",
+    "OPEN_STATES",
     "QUARANTINE_BUDGET_EXCEEDED",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "Advertised",
+    "BlockIds",
     "CancelResult",
     "Cancelled",
     "Complete",
@@ -82,6 +89,8 @@ __all__ = [
     "Transition",
     "TransitionError",
     "UnknownSessionError",
+    "allows",
+    "check_block_ids",
     "decide_cancel",
     "next_state",
 ]

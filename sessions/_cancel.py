@@ -33,6 +33,12 @@ class CancelResult(enum.Enum):
         ``CANCELLED_BEFORE_ADVERTISE``."""
         return self in _SAFE_TO_FREE
 
+    @property
+    def applies_cancel(self) -> bool:
+        """True when the session took the ``CANCEL`` event (``CANCELLED_BEFORE_ADVERTISE``,
+        ``CANCEL_REQUESTED_IN_FLIGHT``); the other answers changed nothing."""
+        return self in _APPLIES_CANCEL
+
 
 _SAFE_TO_FREE = frozenset({
     CancelResult.NOT_FOUND,
@@ -41,7 +47,13 @@ _SAFE_TO_FREE = frozenset({
 })
 
 
-# The per-state part of DESIGN.md's cancel table. None marks the in-flight states, where the
+_APPLIES_CANCEL = frozenset({
+    CancelResult.CANCELLED_BEFORE_ADVERTISE,
+    CancelResult.CANCEL_REQUESTED_IN_FLIGHT,
+})
+
+
+# The per-state part of the cancel table. None marks the in-flight states, where the
 # answer depends on health and on whether the transport can cancel a posted operation.
 _BY_STATE: dict[State, CancelResult | None] = {
     State.QUEUED: CancelResult.CANCELLED_BEFORE_ADVERTISE,
@@ -57,7 +69,7 @@ _POSTED = frozenset({State.IN_FLIGHT, State.QUARANTINED})
 
 
 def decide_cancel(state: State | None, *, healthy: bool, cancellable: bool) -> CancelResult:
-    """DESIGN.md's cancel decision for a session in ``state`` (None: no such session).
+    """The cancel decision for a session in ``state`` (None: no such session).
 
     ``QUEUED`` is decided before health is looked at: releasing never-advertised blocks is
     always safe and relieves a struggling backend. ``cancellable`` is whether the transport

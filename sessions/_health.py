@@ -61,7 +61,7 @@ class HealthPolicy:
 
 @attrs.frozen
 class Health:
-    """A snapshot of engine health (the fields DESIGN.md names). ``reason`` is None when
+    """A snapshot of engine health (the fields docs/design.md names). ``reason`` is None when
     healthy, else ``"quarantine_budget_exceeded"`` or ``"no_progress"``."""
 
     healthy: bool

@@ -9,6 +9,7 @@ the event up in ``TRANSITIONS`` and validates everything before it changes anyth
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -174,21 +175,50 @@ def _check_timeout(name: str, value: float | None) -> float | None:
     return float(value)
 
 
-def check_block_ids(block_ids: Iterable[int]) -> tuple[int, ...]:
-    """``block_ids`` as a tuple of distinct non-negative ints, or ``InvalidArgumentError``."""
+class BlockIds(tuple[int, ...]):
+    """A tuple of block ids that ``check_block_ids`` has validated: distinct non-negative
+    exact ints. Passing one to an API that validates block ids again costs nothing, so a
+    request's ids are checked once however many layers (engine, pool, session) take them."""
+
+    __slots__ = ()
+
+
+def _as_id(raw: Any) -> int:
+    # ints, numpy integers and integer 0-d tensors (``__index__``); never bools or floats.
+    if isinstance(raw, bool):
+        return -1
+    try:
+        return operator.index(raw)
+    except TypeError:
+        return -1
+
+
+def check_block_ids(block_ids: Iterable[int]) -> BlockIds:
+    """``block_ids`` as ``BlockIds`` (distinct non-negative ints, in the given order), or
+    ``InvalidArgumentError`` naming the bad ones. Accepts any iterable of ints or numpy
+    integers, and 1-D integer arrays or tensors (read with one ``tolist()``); bools, floats and
+    strings are refused. The one validator of block ids: the engine runs it once per request,
+    before anything is pinned, and the pool and the session accept its result as it is."""
+    if type(block_ids) is BlockIds:
+        return block_ids
+    if isinstance(block_ids, (str, bytes)):
+        raise InvalidArgumentError("block_ids", block_ids, "an iterable of int block ids")
+    if getattr(block_ids, "ndim", None) is not None and hasattr(block_ids, "tolist"):
+        if block_ids.ndim != 1:  # type: ignore[attr-defined]
+            raise InvalidArgumentError("block_ids", block_ids, "a 1-D array of block ids")
+        block_ids = block_ids.tolist()  # type: ignore[attr-defined]
     ids = tuple(block_ids)
-    if len(ids) > _LOOP_MAX and _EXACT_INT.issuperset(map(type, ids)):
-        # Only exact ints (so no bool): one C-level pass for the sign instead of a Python
-        # loop per id; a transfer may list tens of thousands of blocks.
-        if min(ids) < 0:
-            raise InvalidArgumentError("block_ids", ids, "non-negative int block ids")
-    else:
-        for block_id in ids:
-            if isinstance(block_id, bool) or not isinstance(block_id, int) or block_id < 0:
-                raise InvalidArgumentError("block_ids", ids, "non-negative int block ids")
+    if not (len(ids) > _LOOP_MAX and _EXACT_INT.issuperset(map(type, ids)) and min(ids) >= 0):
+        # The C-level passes above cover the usual case: only exact ints (so no bool), no
+        # negative; a transfer may list tens of thousands of blocks. Else one step per id.
+        converted = tuple(map(_as_id, ids))
+        bad = [raw for raw, value in zip(ids, converted, strict=True) if value < 0]
+        if bad:
+            raise InvalidArgumentError("block_ids", bad, "non-negative int block ids")
+        ids = converted
     if len(set(ids)) != len(ids):
         raise InvalidArgumentError("block_ids", ids, "distinct block ids")
-    return ids
+    return BlockIds(ids)
 
 
 # --- building the next state's data ----------------------------------------------------------
@@ -378,6 +408,8 @@ class TransferSession:
     queue_timeout_s: float | None
     transfer_timeout_s: float | None
     data: SessionData
+    #: When the session was admitted (the start of ``TransferResult.seconds``).
+    admitted_at: float = 0.0
     _history: list[Transition] = attrs.field(factory=list)
 
     @classmethod
@@ -412,6 +444,7 @@ class TransferSession:
             queue_timeout_s=queue_timeout,
             transfer_timeout_s=transfer_timeout,
             data=Queued(admitted_at=now, queue_deadline=deadline),
+            admitted_at=now,
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -419,6 +452,11 @@ class TransferSession:
     @property
     def state(self) -> State:
         return STATE_OF_DATA[type(self.data)]
+
+    def allows(self, event: Event) -> bool:
+        """True when ``event`` is legal in the current state (``TRANSITIONS``; a precondition
+        on the data may still refuse it)."""
+        return event in _STEPS[STATE_OF_DATA[type(self.data)]]
 
     @property
     def history(self) -> tuple[Transition, ...]:

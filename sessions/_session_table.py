@@ -19,16 +19,19 @@ from collections.abc import Iterable, Iterator
 
 from kvhandoff.sessions._cancel import CancelResult, decide_cancel
 from kvhandoff.sessions._session import TransferSession, Transition
-from kvhandoff.sessions._table import TERMINAL_STATES, Event, FailureReason, Role, State
+from kvhandoff.sessions._table import (
+    IN_FLIGHT_STATES,
+    TERMINAL_STATES,
+    Event,
+    FailureReason,
+    Role,
+    State,
+)
 from kvhandoff.sessions.errors import (
     DuplicateSessionError,
     NotReleasableError,
     UnknownSessionError,
 )
-
-#: States whose sessions have a posted local operation that is not settled; the health
-#: monitor's progress clock runs while there are any.
-IN_FLIGHT_STATES = frozenset({State.IN_FLIGHT, State.QUARANTINED})
 
 
 class SessionTable:
@@ -138,7 +141,7 @@ class SessionTable:
     def cancel(
         self, request_id: str, *, healthy: bool, cancellable: bool, now: float
     ) -> CancelResult:
-        """The host's cancel, decided per DESIGN.md (see ``decide_cancel``).
+        """The host's cancel, decided by the cancel table (see ``decide_cancel``).
 
         ``CANCELLED_BEFORE_ADVERTISE`` and ``CANCEL_REQUESTED_IN_FLIGHT`` apply ``CANCEL`` to
         the session; the other results change nothing (``BACKEND_UNHEALTHY``: ask again once
@@ -149,7 +152,7 @@ class SessionTable:
             None if session is None else session.state,
             healthy=bool(healthy), cancellable=bool(cancellable),
         )
-        if session is not None and result in _RESULTS_THAT_CANCEL:
+        if session is not None and result.applies_cancel:
             self.apply(request_id, Event.CANCEL, now)
         return result
 
@@ -233,10 +236,3 @@ class SessionTable:
         del self._sessions[session.request_id]
         self._counts[session.state] -= 1
         self._terminal.pop(session.request_id, None)
-
-
-_RESULTS_THAT_CANCEL = frozenset({
-    CancelResult.CANCELLED_BEFORE_ADVERTISE,
-    CancelResult.CANCEL_REQUESTED_IN_FLIGHT,
-})
-

@@ -166,6 +166,23 @@ TERMINAL_STATES: frozenset[State] = frozenset(s for s, row in TRANSITIONS.items(
 _NEXT: dict[State, dict[Event, State]] = {s: dict(row) for s, row in TRANSITIONS.items()}
 
 
+#: The states in which the peer knows the blocks and the outcome is still open: expiry there
+#: quarantines instead of failing at once (``ADVERTISED``, ``IN_FLIGHT``).
+OPEN_STATES: frozenset[State] = frozenset(
+    s for s, row in TRANSITIONS.items() if row.get(Event.EXPIRE) is State.QUARANTINED)
+
+#: The states with a posted local operation that is not settled yet: those that wait for the
+#: handle (``HANDLE_DONE`` is legal) without being done with it (``IN_FLIGHT``,
+#: ``QUARANTINED``). The health monitor's progress clock runs while there are any.
+IN_FLIGHT_STATES: frozenset[State] = frozenset(
+    s for s, row in TRANSITIONS.items() if Event.HANDLE_DONE in row)
+
+
+def allows(state: State, event: Event) -> bool:
+    """True when ``event`` is legal in ``state`` (a lookup in ``TRANSITIONS``)."""
+    return event in _NEXT[state]
+
+
 def next_state(request_id: str, state: State, event: Event) -> State:
     """The state ``event`` leads to from ``state``; ``TransitionError`` if it is not legal."""
     try:

@@ -4,7 +4,7 @@ timeout error listing every rank's position instead of a hang.
 
 Backends (one module each, imported lazily): in-process (``local_group``,
 ``simulate_ranks``), mpi4py (``CheckedComm.from_mpi``), torch.distributed
-(``CheckedComm.from_torch``). See DESIGN.md, section Collectives.
+(``CheckedComm.from_torch``). See docs/design.md.
 
 Costs (what checking adds, per call):
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ._comm import BUFFER_CHECK_MODES, DEFAULT_TIMEOUT_S, REDUCE_OPS, CheckedComm, CollectiveHandle
 from ._local import local_group, simulate_ranks
-from ._logging import configure_logging, rank_logger
+from ._logging import configure_logging, logging_enabled, rank_logger
 from ._outbox import SymmetricOutbox
 from ._record import Fingerprint, FlightRecorder, Position, RecordEntry
 from ._watchdog import dump_all
@@ -74,6 +74,7 @@ __all__ = [
     "configure_logging",
     "dump_all",
     "local_group",
+    "logging_enabled",
     "rank_logger",
     "simulate_ranks",
 ]

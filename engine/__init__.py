@@ -1,5 +1,12 @@
 """kvhandoff.engine: the transfer engine and the paged KV memory it moves.
 
+Where each part lives (docs/design.md has the whole picture): ``_engine.py`` the public
+surface and the tick; ``_control.py`` the handshake and the peer's FAIL/CANCEL;
+``_datapath.py`` posting, completions and wind-down; ``_agreement.py`` the TP group's
+agreement (sans-I/O); ``_leases.py`` peer leases and heartbeats; ``_transfer.py`` the
+per-request record; ``_wire.py`` the control-message format; ``pool.py`` the block pool;
+``_staging.py`` staging buffers; ``transports/`` one module per transport.
+
 Exports resolve lazily (PEP 562): ``import kvhandoff.engine`` does not import torch, so the
 ``kvhandoff`` command line starts fast; the first access to ``BlockPool`` imports it.
 """
@@ -10,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kvhandoff.engine.errors import (
+    DataTagsExhaustedError,
     DoubleFreeError,
     EngineClosedError,
     EngineConfigError,
@@ -30,31 +38,27 @@ from kvhandoff.engine.errors import (
 )
 
 if TYPE_CHECKING:
-    from kvhandoff.engine._engine import (
-        DrainReport,
-        EngineConfig,
-        EngineStats,
-        TransferEngine,
-        TransferHandle,
-        TransferResult,
-    )
+    from kvhandoff.engine._config import EngineConfig
+    from kvhandoff.engine._engine import TransferEngine
+    from kvhandoff.engine._handle import DrainReport, EngineStats, TransferHandle, TransferResult
     from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
 
 # Public name -> the module that defines it, for the names that pull in torch.
 _LAZY: dict[str, str] = {
     "BlockPool": "kvhandoff.engine.pool",
     "POISON_BLOCK_BYTE": "kvhandoff.engine.pool",
-    "DrainReport": "kvhandoff.engine._engine",
-    "EngineConfig": "kvhandoff.engine._engine",
-    "EngineStats": "kvhandoff.engine._engine",
+    "DrainReport": "kvhandoff.engine._handle",
+    "EngineConfig": "kvhandoff.engine._config",
+    "EngineStats": "kvhandoff.engine._handle",
     "TransferEngine": "kvhandoff.engine._engine",
-    "TransferHandle": "kvhandoff.engine._engine",
-    "TransferResult": "kvhandoff.engine._engine",
+    "TransferHandle": "kvhandoff.engine._handle",
+    "TransferResult": "kvhandoff.engine._handle",
 }
 
 __all__ = [
     "POISON_BLOCK_BYTE",
     "BlockPool",
+    "DataTagsExhaustedError",
     "DoubleFreeError",
     "DrainReport",
     "EngineClosedError",

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kvhandoff.sessions import FailureReason
+
 
 def _ids(block_ids: Iterable[int]) -> tuple[int, ...]:
     return tuple(block_ids)
@@ -190,18 +192,41 @@ class LayerReadyError(EngineError, ValueError):
         super().__init__(f"layer_ready({layer!r}) on {request_id!r}: expected {expected}")
 
 
-class TransferError(EngineError):
-    """A transfer did not complete. ``reason`` is a ``FailureReason`` value (``peer_lost``,
-    ``transfer_timeout``, ...), ``detail`` free text (for a failure on another TP rank or on
-    the peer, which rank and why). The blocks stay pinned until the transport is quiescent:
-    freeing them is always safe (the pool defers it)."""
+class DataTagsExhaustedError(EngineError, RuntimeError):
+    """A receive needs ``needed`` consecutive data tags (one per chunk: one, or one per layer
+    for a layer-wise receive) and the transport's tag space (``max_tag``) has no free range
+    that large while the transfers in flight hold theirs. Raised before anything changed:
+    retry once transfers finish, receive whole-request instead of layer-wise, or use a
+    transport with a larger tag space."""
 
-    def __init__(self, request_id: str, reason: str, detail: str | None = None) -> None:
+    def __init__(self, request_id: str, needed: int, max_tag: int, in_use: int) -> None:
         self.request_id = request_id
-        self.reason = reason
+        self.needed = needed
+        self.max_tag = max_tag
+        self.in_use = in_use
+        super().__init__(
+            f"receive {request_id!r} needs {needed} consecutive data tags, but no free range "
+            f"that large is left among tags 1..{max_tag} ({in_use} in use by transfers in "
+            "flight): retry when transfers finish, or receive without layerwise=True")
+
+
+class TransferError(EngineError):
+    """A transfer did not complete. ``reason`` is a ``FailureReason`` (``PEER_LOST``,
+    ``TRANSFER_TIMEOUT``, ...; a ``str`` enum, so ``str(reason)`` is its value and it equals
+    that string), ``detail`` free text (for a failure on another TP rank or on the peer, which
+    rank and why). The blocks stay pinned until the transport is quiescent: freeing them is
+    always safe (the pool defers it)."""
+
+    def __init__(self, request_id: str, reason: FailureReason | str,
+                 detail: str | None = None) -> None:
+        self.request_id = request_id
+        self.reason = FailureReason(reason)
         self.detail = detail
-        text = f"transfer {request_id!r} failed: {reason}"
+        text = f"transfer {request_id!r} failed: {self.reason}"
         super().__init__(f"{text} ({detail})" if detail else text)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request_id, self.reason, self.detail))
 
 
 class TransferTimeout(TransferError):

@@ -9,7 +9,7 @@ Every block is in exactly one of three books:
 * **free** - on the free list, handed out by ``alloc``;
 * **allocated** - held by an owner (the host's request, or anonymous), returned by ``free``;
 * **deferred** - its holder freed it while a transfer had it pinned: it goes back to the free
-  list when the last pin is removed, never earlier (promise 2 of DESIGN.md).
+  list when the last pin is removed, never earlier (promise 2 of docs/design.md).
 
 Pins are orthogonal: a transfer pins the blocks it moves (``pin(ids, owner=request_id)``) and
 unpins them once its session is quiescent. A free block can never be pinned, and a pinned
@@ -47,6 +47,7 @@ from kvhandoff.engine.errors import (
     PoolInvariantError,
     UnknownBlockError,
 )
+from kvhandoff.sessions import BlockIds
 
 #: Fill byte for poisoned blocks of non-floating dtypes.
 POISON_BLOCK_BYTE = 0xA5
@@ -394,6 +395,11 @@ class BlockPool:
     # --- internals -------------------------------------------------------------------------
 
     def _check_known(self, block_ids: Iterable[Any]) -> list[int]:
+        if type(block_ids) is BlockIds:  # validated once already (check_block_ids)
+            if block_ids and max(block_ids) >= self.num_blocks:
+                raise UnknownBlockError([b for b in block_ids if b >= self.num_blocks],
+                                        self.num_blocks)
+            return list(block_ids)
         if isinstance(block_ids, (str, bytes)):
             raise UnknownBlockError([block_ids], self.num_blocks)
         seq = block_ids if isinstance(block_ids, (tuple, list)) else list(block_ids)

@@ -5,16 +5,14 @@ a slow link), leases, and malformed or misdirected control messages."""
 from __future__ import annotations
 
 import struct
+from functools import partial
 
 import anyio
 import pytest
-from kvhandoff.engine import TransferEngine, TransferFailed, TransferTimeout
-from kvhandoff.engine import _wire as wire
-from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
-from kvhandoff.sessions import CancelResult, State
-from test_engine_support import (
+from engine_support import (
     HeldTransport,
     ManualClock,
+    engine_pair,
     fast_config,
     fill,
     kv_of,
@@ -23,18 +21,21 @@ from test_engine_support import (
     same_kv,
     until,
 )
+from kvhandoff.engine import TransferEngine, TransferFailed, TransferTimeout
+from kvhandoff.engine import _wire as wire
+from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
+from kvhandoff.sessions import CancelResult, Health, State
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_engine_stuck_handle_quarantined_others_complete_blocks_held() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[0, 1])  # the first two sends never finish until released
-    p0, p1 = make_pool(64), make_pool(64)
     cfg = fast_config(transfer_timeout_s=1.0, quarantine_budget=1, progress_deadline_s=100.0)
-    async with running(TransferEngine(p0, h0, config=cfg, clock=clock),
-                       TransferEngine(p1, t1, config=cfg, clock=clock), clock=clock) as (e0, e1):
+    # The first two sends never finish until released.
+    async with engine_pair(cfg, clock, wrap0=partial(HeldTransport, held=[0, 1]),
+                           num_blocks=64) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         stuck = {}
         for rid in ("stuck-a", "stuck-b"):
             src, dst = p0.alloc(2, owner=rid), p1.alloc(2, owner=rid)
@@ -76,20 +77,16 @@ async def test_engine_stuck_handle_quarantined_others_complete_blocks_held() -> 
         assert e0.stats().quarantines == 2
         for rid, (_, _, dst) in stuck.items():
             p1.free(dst, owner=rid)
-    p0.check()
-    p1.check()
     assert p0.num_free == p0.num_blocks
 
 
 async def test_engine_no_progress_flips_health_and_asks_restart() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[0], cancellable=True)
-    p0, p1 = make_pool(), make_pool()
-    restarts = []
+    restarts: list[Health] = []
     cfg = fast_config(transfer_timeout_s=None, progress_deadline_s=1.0, restart_grace_s=2.0)
-    e0 = TransferEngine(p0, h0, config=cfg, clock=clock, on_restart=restarts.append)
-    async with running(e0, TransferEngine(p1, t1, config=cfg, clock=clock), clock=clock) as (_, e1):
+    async with engine_pair(cfg, clock, wrap0=partial(HeldTransport, held=[0], cancellable=True),
+                           kwargs0=dict(on_restart=restarts.append)) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(1, owner="w"), p1.alloc(1, owner="w")
         hs = e0.send("w", src, 1)
         await e1.receive("w", dst, 0).wait()
@@ -114,20 +111,16 @@ async def test_engine_no_progress_flips_health_and_asks_restart() -> None:
         assert not e0.restart_requested
         p0.free(src, owner="w")
         p1.free(dst, owner="w")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_slow_link_keeps_health() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    # Every send finishes 0.5 s (of the manual clock) after its bytes moved.
-    f0 = FaultyTransport(t0, seed=1, delay_s=0.5, clock=clock)
-    p0, p1 = make_pool(), make_pool()
     cfg = fast_config(queue_timeout_s=None, transfer_timeout_s=None, progress_deadline_s=1.0,
                       lease_s=100.0)
-    async with running(TransferEngine(p0, f0, config=cfg, clock=clock),
-                       TransferEngine(p1, t1, config=cfg, clock=clock), clock=clock) as (e0, e1):
+    # Every send finishes 0.5 s (of the manual clock) after its bytes moved.
+    async with engine_pair(cfg, clock, wrap0=partial(FaultyTransport, seed=1, delay_s=0.5,
+                                                     clock=clock)) as pair:
+        e0, e1, p0, p1, f0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         open_: list[tuple[str, object, list[int], list[int]]] = []
         unhealthy_seen = []
         for i in range(16):  # two transfers always in flight, 4 s of clock in all
@@ -150,21 +143,16 @@ async def test_engine_slow_link_keeps_health() -> None:
         assert f0.injected[Fault.DELAY] == 16
         assert not any(unhealthy_seen)
         assert e0.stats().completed == 16
-    p0.check()
-    p1.check()
 
 
 async def test_engine_silent_peer_fails_sessions_with_peer_lost() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    # Both sides' data operations hang, so the sessions stay open on both ranks.
-    f0 = FaultyTransport(t0, seed=0, faults={0: Fault.STUCK})
-    f1 = FaultyTransport(t1, seed=0, faults={0: Fault.STUCK})
-    p0, p1 = make_pool(), make_pool()
     cfg = fast_config(queue_timeout_s=None, transfer_timeout_s=None, lease_s=1.0,
                       progress_deadline_s=100.0)
-    async with running(TransferEngine(p0, f0, config=cfg, clock=clock),
-                       TransferEngine(p1, f1, config=cfg, clock=clock), clock=clock) as (e0, e1):
+    # Both sides' data operations hang, so the sessions stay open on both ranks.
+    hanging = partial(FaultyTransport, seed=0, faults={0: Fault.STUCK})
+    async with engine_pair(cfg, clock, wrap0=hanging, wrap1=hanging) as pair:
+        e0, e1, p0, p1, f0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="l"), p1.alloc(2, owner="l")
         hs, hr = e0.send("l", src, 1), e1.receive("l", dst, 0)
         await until(lambda: e0.session("l").state is State.IN_FLIGHT
@@ -180,8 +168,6 @@ async def test_engine_silent_peer_fails_sessions_with_peer_lost() -> None:
         await until(lambda: not p0.pinned_by("l") and not p1.pinned_by("l"))
         p0.free(src, owner="l")
         p1.free(dst, owner="l")
-    p0.check()
-    p1.check()
 
 
 def _advertise_bytes(rid: str, blocks: int, nbytes: int, tag: int = 7) -> bytes:
@@ -232,10 +218,8 @@ async def test_engine_malformed_control_messages_rejected_nothing_freed() -> Non
 
 
 async def test_engine_advertise_to_a_receiver_is_rejected_with_fail() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (_, e1):
+    async with engine_pair() as pair:
+        e1, p1, t0 = pair.e1, pair.p1, pair.t0
         dst = p1.alloc(1, owner="r")
         hr = e1.receive("r", dst, 0)
         # An advertise for "r" to the rank that receives it: a protocol error, not a send.
@@ -245,5 +229,3 @@ async def test_engine_advertise_to_a_receiver_is_rejected_with_fail() -> None:
         assert e1.cancel("r") is CancelResult.CANCEL_REQUESTED_IN_FLIGHT
         await until(lambda: not p1.pinned_by("r"))
         p1.free(dst, owner="r")
-    p0.check()
-    p1.check()

@@ -1,17 +1,27 @@
 """Shared pieces of the engine tests (no tests here): pools with known contents, a held
 transport whose chosen operations finish only when the test says so, a recording transport,
-a manual clock, and a context that runs a set of engines and drains them together."""
+a manual clock that waits for the engines it drives, waits on conditions and on engine ticks
+(never a bare sleep), a context that runs a set of engines and drains them together, and
+``engine_pair``: the two-rank set-up most tests share."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 import anyio
+import attrs
 import torch
 from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine
-from kvhandoff.engine.transports import HandleKind, HandleState, Transport, TransportHandle
+from kvhandoff.engine.transports import (
+    HandleKind,
+    HandleState,
+    Transport,
+    TransportHandle,
+    loopback_group,
+)
 
 NUM_LAYERS = 2
 
@@ -38,16 +48,24 @@ def same_kv(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
 
 
 class ManualClock:
-    """An injectable clock the test advances by hand (deadlines, leases, health)."""
+    """An injectable clock the test advances by hand (deadlines, leases, health). It learns
+    the engines it drives from ``running(..., clock=clock)`` (or ``engine_pair``), so that
+    ``advance`` can wait for them to see each step."""
 
-    def __init__(self, start: float = 1000.0) -> None:
+    def __init__(self, start: float = 1000.0, ticks_per_step: int = 2) -> None:
         self.now = start
+        self.ticks_per_step = ticks_per_step
+        self.engines: list[TransferEngine] = []
         self._real_since: float | None = None
 
     def __call__(self) -> float:
         if self._real_since is not None:  # after the test body: time flows again
             return self.now + time.monotonic() - self._real_since
         return self.now
+
+    def drive(self, *engines: TransferEngine) -> None:
+        """Make ``advance`` wait for ``engines`` too."""
+        self.engines.extend(engines)
 
     def run_free(self) -> None:
         """Let time flow from now on, so an engine's drain deadline (on this clock) passes
@@ -56,17 +74,31 @@ class ManualClock:
             self._real_since = time.monotonic()
 
     async def advance(self, seconds: float, steps: int = 10) -> None:
-        """Move time forward in ``steps`` increments, letting the engines tick in between."""
+        """Move time forward in ``steps`` increments; after each, wait until every engine
+        this clock drives ticked ``ticks_per_step`` more times (each tick reads the clock
+        first, so every engine acted on every step), bounded in real time."""
+        if not self.engines:
+            raise RuntimeError("ManualClock.advance drives no engine: enter the engines with "
+                               "running(..., clock=clock) or engine_pair(clock=clock)")
         for _ in range(steps):
             self.now += seconds / steps
-            await anyio.sleep(0.003)
+            await ticks(*self.engines, n=self.ticks_per_step)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait (real time, bounded) until ``predicate()`` holds; fails the test otherwise."""
     with anyio.fail_after(timeout):
         while not predicate():
-            await anyio.sleep(0.001)
+            await anyio.sleep(0.001)  # a poll of the condition, not a guess at a duration
+
+
+async def ticks(*engines: TransferEngine, n: int = 20, timeout: float = 5.0) -> None:
+    """Wait (real time, bounded) until each engine's loop ran ``n`` more ticks: for "this
+    still has not happened" checks, so the engines had ``n`` chances to do the wrong thing
+    however slow the machine is."""
+    targets = [(engine, engine.stats().ticks + n) for engine in engines]
+    await until(lambda: all(engine.stats().ticks >= target for engine, target in targets),
+                timeout=timeout)
 
 
 class _HeldHandle(TransportHandle):
@@ -167,10 +199,12 @@ async def drain_all(engines: Sequence[TransferEngine], timeout: float = 2.0) -> 
 @contextlib.asynccontextmanager
 async def running(*engines: TransferEngine,
                   clock: ManualClock | None = None) -> AsyncIterator[tuple[TransferEngine, ...]]:
-    """Enter every engine, and on the way out drain them together before exiting. With a
-    manual ``clock``, time flows again on the way out so the drains are bounded."""
+    """Enter every engine, and on the way out drain them together before exiting. A manual
+    ``clock`` drives these engines (``advance`` waits for them), and time flows again on the
+    way out so the drains are bounded."""
     async with contextlib.AsyncExitStack() as stack:
         if clock is not None:
+            clock.drive(*engines)
             stack.callback(clock.run_free)
         for engine in engines:
             await stack.enter_async_context(engine)
@@ -178,3 +212,53 @@ async def running(*engines: TransferEngine,
         if clock is not None:
             clock.run_free()
         await drain_all(engines)
+
+
+@attrs.define
+class EnginePair:
+    """Two running engines on one loopback link: rank 0 (``e0`` over ``t0``, blocks in
+    ``p0``) and rank 1. ``t0``/``t1`` are what the engines were given: the test's wrapper
+    (``HeldTransport``, ``FaultyTransport``) when it asked for one, else the loopback."""
+
+    e0: TransferEngine
+    e1: TransferEngine
+    p0: BlockPool
+    p1: BlockPool
+    t0: Any  # Any: the wrapper's own calls (release, posts, lose_peer) are what tests use
+    t1: Any
+
+
+@contextlib.asynccontextmanager
+async def engine_pair(
+    config: EngineConfig | None = None,
+    clock: ManualClock | None = None,
+    wrap0: Callable[[Transport], Transport] | None = None,
+    wrap1: Callable[[Transport], Transport] | None = None,
+    *,
+    num_blocks: int = 32,
+    num_layers: int = NUM_LAYERS,
+    kwargs0: Mapping[str, Any] | None = None,
+    kwargs1: Mapping[str, Any] | None = None,
+    **engine_kwargs: Any,
+) -> AsyncIterator[EnginePair]:
+    """Run two engines (rank 0 and rank 1 of a loopback group, ``fast_config()`` unless
+    ``config`` is given, on ``clock`` when given) over fresh debug pools. ``wrap0``/``wrap1``
+    wrap a rank's transport (e.g. ``partial(HeldTransport, held=[0])``); ``engine_kwargs``
+    go to both engines, ``kwargs0``/``kwargs1`` to one only (and win). On a clean exit both
+    engines drain together, then both pools pass ``check()``."""
+    t0, t1 = loopback_group(2)
+    if wrap0 is not None:
+        t0 = wrap0(t0)
+    if wrap1 is not None:
+        t1 = wrap1(t1)
+    p0, p1 = make_pool(num_blocks, num_layers), make_pool(num_blocks, num_layers)
+    shared: dict[str, Any] = dict(config=fast_config() if config is None else config,
+                                  **engine_kwargs)
+    if clock is not None:
+        shared["clock"] = clock
+    e0 = TransferEngine(p0, t0, **{**shared, **(kwargs0 or {})})
+    e1 = TransferEngine(p1, t1, **{**shared, **(kwargs1 or {})})
+    async with running(e0, e1, clock=clock):
+        yield EnginePair(e0=e0, e1=e1, p0=p0, p1=p1, t0=t0, t1=t1)
+    p0.check()
+    p1.check()

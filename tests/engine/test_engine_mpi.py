@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TORCH_SCRIPT = Path(__file__).resolve().parent / "torch_scripts" / "engine_torch_gloo.py"
+TORCH_SCRIPT = Path(__file__).resolve().parents[1] / "torch_scripts" / "engine_torch_gloo.py"
 
 RunMPI = Callable[..., subprocess.CompletedProcess[str]]
 RunPython = Callable[..., subprocess.CompletedProcess[str]]

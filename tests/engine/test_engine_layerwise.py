@@ -3,12 +3,13 @@ and an advertise that no send ever claims."""
 
 from __future__ import annotations
 
-import anyio
+from functools import partial
+
 import pytest
-from kvhandoff.engine import TransferCancelled, TransferEngine, TransferFailed
-from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
+from engine_support import HeldTransport, engine_pair, fast_config, ticks, until
+from kvhandoff.engine import TransferCancelled, TransferFailed
+from kvhandoff.engine.transports import Fault, FaultyTransport
 from kvhandoff.sessions import CancelResult, State
-from test_engine_support import HeldTransport, fast_config, make_pool, running, until
 
 pytestmark = pytest.mark.anyio
 
@@ -21,11 +22,10 @@ async def test_engine_layerwise_cancel_part_way_completes_every_layer_then_relea
     matched: over a transport that cannot cancel a posted send (MPI) this is the only way
     both sides become quiescent. Blocks stay pinned until then, and the wedged layer holds
     the sender's blocks until it finishes."""
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[1], cancellable=True)  # layer 1's send is wedged
-    p0, p1 = make_pool(num_layers=LAYERS), make_pool(num_layers=LAYERS)
-    async with running(TransferEngine(p0, h0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    # Layer 1's send is wedged.
+    async with engine_pair(wrap0=partial(HeldTransport, held=[1], cancellable=True),
+                           num_layers=LAYERS) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="p"), p1.alloc(2, owner="p")
         hs = e0.send("p", src, 1, layerwise=True)
         hr = e1.receive("p", dst, 0, layerwise=True)
@@ -39,7 +39,7 @@ async def test_engine_layerwise_cancel_part_way_completes_every_layer_then_relea
         # Every layer is now posted exactly once, whatever was ready.
         assert [tag for _, tag, _ in h0.posts] == [1, 2, 3, 4]
         hs.layer_ready(2)  # after the cancel: recorded, never posted again
-        await anyio.sleep(0.02)
+        await ticks(e0, e1)  # many chances to post it again
         assert len(h0.posts) == LAYERS
         snapshot = e0.session("p")  # cancel requested, waiting for the wedged layer
         assert snapshot.cancel_requested and not snapshot.state.is_terminal
@@ -52,19 +52,16 @@ async def test_engine_layerwise_cancel_part_way_completes_every_layer_then_relea
         assert e1.session("p").state is State.FAILED
         p0.free(src, owner="p")
         p1.free(dst, owner="p")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_layerwise_wedged_layer_aborts_at_the_transfer_deadline() -> None:
     """A completing wind-down is bounded: at the transfer deadline the pending operations
     are cancelled and the peer is told to abort its side."""
-    t0, t1 = loopback_group(2)
-    h0 = FaultyTransport(t0, seed=5, faults={1: Fault.STUCK})  # stuck until cancelled
-    p0, p1 = make_pool(num_layers=LAYERS), make_pool(num_layers=LAYERS)
-    cfg = fast_config(transfer_timeout_s=0.3)
-    async with running(TransferEngine(p0, h0, config=cfg),
-                       TransferEngine(p1, t1, config=cfg)) as (e0, e1):
+    # Layer 1's send is stuck until cancelled.
+    async with engine_pair(fast_config(transfer_timeout_s=0.3), num_layers=LAYERS,
+                           wrap0=partial(FaultyTransport, seed=5, faults={1: Fault.STUCK})) \
+            as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(2, owner="w"), p1.alloc(2, owner="w")
         hs = e0.send("w", src, 1, layerwise=True)
         e1.receive("w", dst, 0, layerwise=True)
@@ -76,16 +73,12 @@ async def test_engine_layerwise_wedged_layer_aborts_at_the_transfer_deadline() -
         await until(lambda: not p0.pinned_by("w") and not p1.pinned_by("w"), timeout=10)
         p0.free(src, owner="w")
         p1.free(dst, owner="w")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_layerwise_failed_layer_fails_transfer_after_all_final() -> None:
-    t0, t1 = loopback_group(2)
-    f0 = FaultyTransport(t0, seed=3, faults={1: Fault.ERROR})
-    p0, p1 = make_pool(num_layers=LAYERS), make_pool(num_layers=LAYERS)
-    async with running(TransferEngine(p0, f0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    async with engine_pair(wrap0=partial(FaultyTransport, seed=3, faults={1: Fault.ERROR}),
+                           num_layers=LAYERS) as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(2, owner="e"), p1.alloc(2, owner="e")
         hs = e0.send("e", src, 1, layerwise=True)
         hr = e1.receive("e", dst, 0, layerwise=True)
@@ -99,16 +92,11 @@ async def test_engine_layerwise_failed_layer_fails_transfer_after_all_final() ->
         await until(lambda: not p0.pinned_by("e") and not p1.pinned_by("e"))
         p0.free(src, owner="e")
         p1.free(dst, owner="e")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_unclaimed_advertise_fails_receiver_after_queue_timeout() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    cfg = fast_config(queue_timeout_s=0.1, transfer_timeout_s=5.0)
-    async with running(TransferEngine(p0, t0, config=cfg),
-                       TransferEngine(p1, t1, config=cfg)) as (_, e1):
+    async with engine_pair(fast_config(queue_timeout_s=0.1, transfer_timeout_s=5.0)) as pair:
+        e1, p1 = pair.e1, pair.p1
         dst = p1.alloc(1, owner="u")
         hr = e1.receive("u", dst, 0)  # rank 0's host never sends "u"
         with pytest.raises(TransferFailed) as info:
@@ -116,5 +104,3 @@ async def test_engine_unclaimed_advertise_fails_receiver_after_queue_timeout() -
         assert info.value.reason == "protocol_error"
         await until(lambda: not p1.pinned_by("u"))
         p1.free(dst, owner="u")
-    p0.check()
-    p1.check()

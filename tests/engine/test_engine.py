@@ -4,31 +4,32 @@ run under asyncio and trio (anyio's plugin)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import anyio
 import pytest
+from engine_support import (
+    NUM_LAYERS,
+    HeldTransport,
+    ManualClock,
+    engine_pair,
+    fast_config,
+    fill,
+    kv_of,
+    same_kv,
+    ticks,
+    until,
+)
 from kvhandoff.engine import (
     EngineClosedError,
     EngineConfigError,
     LayerReadyError,
     TransferCancelled,
-    TransferEngine,
     TransferFailed,
     TransferTimeout,
 )
-from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
+from kvhandoff.engine.transports import Fault, FaultyTransport
 from kvhandoff.sessions import CancelResult, DuplicateSessionError, Role, State
-from test_engine_support import (
-    NUM_LAYERS,
-    HeldTransport,
-    ManualClock,
-    fast_config,
-    fill,
-    kv_of,
-    make_pool,
-    running,
-    same_kv,
-    until,
-)
 
 pytestmark = pytest.mark.anyio
 
@@ -39,10 +40,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 async def test_engine_transfer_moves_bytes_and_frees_late() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    async with engine_pair() as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src = p0.alloc(3, owner="r1")
         expected = fill(p0, src, seed=1)
         dst = p1.alloc(3, owner="r1")
@@ -58,36 +57,27 @@ async def test_engine_transfer_moves_bytes_and_frees_late() -> None:
         assert e0.session("r1").state is State.COMPLETE  # a recently released snapshot
         assert e0.stats().bytes_sent == e1.stats().bytes_received == sent.nbytes
         p1.free(dst, owner="r1")
-    p0.check()
-    p1.check()
     assert p0.num_free == p0.num_blocks and p1.num_free == p1.num_blocks
 
 
 async def test_engine_receive_before_send_is_kept_until_send() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    async with engine_pair() as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(2, owner="r"), p1.alloc(2, owner="r")
         expected = fill(p0, src, seed=2)
         hr = e1.receive("r", dst, 0)
-        await anyio.sleep(0.02)  # the advertise arrives before the host's send()
+        await until(lambda: e0.stats().early_advertises == 1)  # it arrived before send()
         hs = e0.send("r", src, 1)
         await hs.wait()
         await hr.wait()
         assert same_kv(kv_of(p1, dst), expected)
         p0.free(src, owner="r")
         p1.free(dst, owner="r")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_layerwise_moves_each_layer_once() -> None:
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, h0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    async with engine_pair(wrap0=HeldTransport) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(3, owner="lw"), p1.alloc(3, owner="lw")
         expected = fill(p0, src, seed=3)
         hs = e0.send("lw", src, 1, layerwise=True)
@@ -109,15 +99,11 @@ async def test_engine_layerwise_moves_each_layer_once() -> None:
         assert [nbytes for _, _, nbytes in h0.posts] == [p0.block_nbytes * 3 // NUM_LAYERS] * 2
         p0.free(src, owner="lw")
         p1.free(dst, owner="lw")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_cancel_before_advertise_is_safe_to_free() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, _):
+    async with engine_pair() as pair:
+        e0, p0 = pair.e0, pair.p0
         src = p0.alloc(2, owner="c")
         hs = e0.send("c", src, 1)
         result = e0.cancel("c")
@@ -131,18 +117,14 @@ async def test_engine_cancel_before_advertise_is_safe_to_free() -> None:
         assert e0.cancel("c") is CancelResult.NOT_FOUND
         assert e0.cancel("never-seen") is CancelResult.NOT_FOUND
         assert e0.stats().cancelled == 1
-    p0.check()
-    p1.check()
 
 
 async def test_engine_cancel_in_flight_fails_both_sides_and_keeps_blocks_pinned() -> None:
-    t0, t1 = loopback_group(2)
     # The receiver's receive never finishes until cancelled; the sender's send is held.
-    f1 = FaultyTransport(t1, seed=0, faults={0: Fault.STUCK})
-    h0 = HeldTransport(t0, held=[0])
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, h0, config=fast_config()),
-                       TransferEngine(p1, f1, config=fast_config())) as (e0, e1):
+    async with engine_pair(wrap0=partial(HeldTransport, held=[0]),
+                           wrap1=partial(FaultyTransport, seed=0, faults={0: Fault.STUCK})) \
+            as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="x"), p1.alloc(2, owner="x")
         hs = e0.send("x", src, 1)
         hr = e1.receive("x", dst, 0)
@@ -156,7 +138,7 @@ async def test_engine_cancel_in_flight_fails_both_sides_and_keeps_blocks_pinned(
             await hs.wait()
         p0.free(src, owner="x")
         assert p0.num_deferred == 2 and p0.pinned_by("x") == frozenset(src)
-        await anyio.sleep(0.05)
+        await ticks(e0, e1)  # many chances to free them early
         assert p0.num_deferred == 2  # never freed while the transport may read it
         assert e0.cancel("x") is CancelResult.NOT_CANCELLABLE  # still posted, uncancellable
         h0.release(0)
@@ -164,17 +146,12 @@ async def test_engine_cancel_in_flight_fails_both_sides_and_keeps_blocks_pinned(
         assert e0.cancel("x") is CancelResult.NOT_FOUND
         await until(lambda: e1.stats().sessions == 0)
         p1.free(dst, owner="x")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_queue_timeout_raises_transfer_timeout() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    cfg = fast_config(queue_timeout_s=0.5)
-    async with running(TransferEngine(p0, t0, config=cfg, clock=clock),
-                       TransferEngine(p1, t1, config=cfg, clock=clock), clock=clock) as (e0, _):
+    async with engine_pair(fast_config(queue_timeout_s=0.5), clock) as pair:
+        e0, p0 = pair.e0, pair.p0
         src = p0.alloc(1, owner="q")
         hs = e0.send("q", src, 1)
         await clock.advance(0.4)
@@ -185,18 +162,13 @@ async def test_engine_queue_timeout_raises_transfer_timeout() -> None:
         assert info.value.reason == "queue_timeout"
         await until(lambda: not p0.pinned_by("q"))
         p0.free(src, owner="q")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_transfer_timeout_quarantines_until_handle_final() -> None:
     clock = ManualClock()
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[0])
-    p0, p1 = make_pool(), make_pool()
-    cfg = fast_config(transfer_timeout_s=0.5)
-    async with running(TransferEngine(p0, h0, config=cfg, clock=clock),
-                       TransferEngine(p1, t1, config=cfg, clock=clock), clock=clock) as (e0, e1):
+    async with engine_pair(fast_config(transfer_timeout_s=0.5), clock,
+                           wrap0=partial(HeldTransport, held=[0])) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="t"), p1.alloc(2, owner="t")
         hs = e0.send("t", src, 1)
         hr = e1.receive("t", dst, 0)
@@ -214,8 +186,6 @@ async def test_engine_transfer_timeout_quarantines_until_handle_final() -> None:
         await until(lambda: p0.num_deferred == 0)
         assert e0.session("t").state is State.FAILED
         p1.free(dst, owner="t")
-    p0.check()
-    p1.check()
 
 
 @pytest.mark.parametrize(("receiver_blocks", "receiver_layerwise", "reason"), [
@@ -224,10 +194,8 @@ async def test_engine_transfer_timeout_quarantines_until_handle_final() -> None:
 ])
 async def test_engine_handshake_mismatch_fails_both_sides(
         receiver_blocks: int, receiver_layerwise: bool, reason: str) -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, e1):
+    async with engine_pair() as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(2, owner="m"), p1.alloc(receiver_blocks, owner="m")
         fill(p1, dst, seed=9)
         before = kv_of(p1, dst)
@@ -242,16 +210,12 @@ async def test_engine_handshake_mismatch_fails_both_sides(
         await until(lambda: e0.stats().sessions == e1.stats().sessions == 0)
         p0.free(src, owner="m")
         p1.free(dst, owner="m")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_layout_extra_mismatch_is_layout_mismatch() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config(), layout_extra=(0, 2)),
-                       TransferEngine(p1, t1, config=fast_config(), layout_extra=(1, 2))) \
-            as (e0, e1):
+    async with engine_pair(kwargs0=dict(layout_extra=(0, 2)),
+                           kwargs1=dict(layout_extra=(1, 2))) as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(1, owner="s"), p1.alloc(1, owner="s")
         hs, hr = e0.send("s", src, 1), e1.receive("s", dst, 0)
         for handle in (hs, hr):
@@ -261,15 +225,11 @@ async def test_engine_layout_extra_mismatch_is_layout_mismatch() -> None:
         await until(lambda: not p0.pinned_by("s") and not p1.pinned_by("s"))
         p0.free(src, owner="s")
         p1.free(dst, owner="s")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_admission_errors_leave_pool_unchanged() -> None:
-    t0, t1 = loopback_group(2)
-    p0, p1 = make_pool(), make_pool()
-    async with running(TransferEngine(p0, t0, config=fast_config()),
-                       TransferEngine(p1, t1, config=fast_config())) as (e0, _):
+    async with engine_pair() as pair:
+        e0, p0 = pair.e0, pair.p0
         src = p0.alloc(2, owner="a")
         e0.send("a", src, 1)
         with pytest.raises(DuplicateSessionError):
@@ -283,17 +243,12 @@ async def test_engine_admission_errors_leave_pool_unchanged() -> None:
         assert p0.pinned_by("b") == frozenset()
         assert e0.cancel("a") is CancelResult.CANCELLED_BEFORE_ADVERTISE
         p0.free(src, owner="a")
-    p0.check()
-    p1.check()
 
 
 async def test_engine_drain_reports_what_is_left_and_refuses_new_work() -> None:
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[0])
-    p0, p1 = make_pool(), make_pool()
-    e0 = TransferEngine(p0, h0, config=fast_config(drain_timeout_s=0.1))
-    e1 = TransferEngine(p1, t1, config=fast_config())
-    async with e0, e1:
+    async with engine_pair(wrap0=partial(HeldTransport, held=[0]),
+                           kwargs0=dict(config=fast_config(drain_timeout_s=0.1))) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="d"), p1.alloc(2, owner="d")
         hs = e0.send("d", src, 1)
         await e1.receive("d", dst, 0).wait()
@@ -311,20 +266,15 @@ async def test_engine_drain_reports_what_is_left_and_refuses_new_work() -> None:
         assert report.clean
         p0.free(src, owner="d")
         p1.free(dst, owner="d")
-    p0.check()
-    p1.check()
     with pytest.raises(EngineConfigError):
         await e0.drain(0)
 
 
 async def test_engine_drain_is_bounded_in_real_time_with_a_frozen_clock() -> None:
     clock = ManualClock()  # never advanced: only real time can end the drain
-    t0, t1 = loopback_group(2)
-    h0 = HeldTransport(t0, held=[0])
-    p0, p1 = make_pool(), make_pool()
-    e0 = TransferEngine(p0, h0, config=fast_config(drain_timeout_s=0.1), clock=clock)
-    e1 = TransferEngine(p1, t1, config=fast_config(), clock=clock)
-    async with e0, e1:
+    async with engine_pair(clock=clock, wrap0=partial(HeldTransport, held=[0]),
+                           kwargs0=dict(config=fast_config(drain_timeout_s=0.1))) as pair:
+        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(1, owner="f"), p1.alloc(1, owner="f")
         hs = e0.send("f", src, 1)
         await e1.receive("f", dst, 0).wait()
@@ -335,5 +285,3 @@ async def test_engine_drain_is_bounded_in_real_time_with_a_frozen_clock() -> Non
         await hs.wait()
         p0.free(src, owner="f")
         p1.free(dst, owner="f")
-    p0.check()
-    p1.check()

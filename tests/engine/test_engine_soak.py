@@ -6,11 +6,13 @@ a PoisonError)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import anyio
 import pytest
-from kvhandoff.engine import TransferEngine, TransferError
-from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
-from test_engine_support import NUM_LAYERS, fast_config, make_pool, until
+from engine_support import NUM_LAYERS, EnginePair, engine_pair, fast_config, until
+from kvhandoff.engine import TransferError
+from kvhandoff.engine.transports import Fault, FaultyTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -24,17 +26,14 @@ def anyio_backend() -> str:
 
 
 async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> None:
-    t0, t1 = loopback_group(2)
-    f0 = FaultyTransport(t0, seed=11, error_rate=0.005, stuck_rate=0.005)
-    f1 = FaultyTransport(t1, seed=12, error_rate=0.005, stuck_rate=0.005)
-    p0, p1 = make_pool(2 * WORKERS), make_pool(2 * WORKERS)
     cfg = fast_config(queue_timeout_s=2.0, transfer_timeout_s=0.05, quarantine_budget=1000,
                       progress_deadline_s=30.0)
+    faulty = partial(FaultyTransport, error_rate=0.005, stuck_rate=0.005)
     outcomes = {"ok": 0, "failed": 0}
     wrong: list[str] = []
-    e0, e1 = TransferEngine(p0, f0, config=cfg), TransferEngine(p1, f1, config=cfg)
 
-    async def worker(w: int) -> None:
+    async def worker(pair: EnginePair, w: int) -> None:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         for i in range(w, SESSIONS, WORKERS):
             rid = f"soak-{i}"
             src, dst = p0.alloc(1, owner=rid), p1.alloc(1, owner=rid)
@@ -61,16 +60,18 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
             p1.free(dst, owner=rid)
 
     with anyio.fail_after(120):
-        async with e0, e1:
+        async with engine_pair(cfg, wrap0=partial(faulty, seed=11), wrap1=partial(faulty, seed=12),
+                               num_blocks=2 * WORKERS) as pair:
+            p0, p1 = pair.p0, pair.p1
             async with anyio.create_task_group() as tg:
                 for w in range(WORKERS):
-                    tg.start_soon(worker, w)
+                    tg.start_soon(worker, pair, w)
             await until(lambda: p0.num_free == p0.num_blocks and p1.num_free == p1.num_blocks,
                         timeout=10.0)
-            stats0, stats1 = e0.stats(), e1.stats()
+            stats0, stats1 = pair.e0.stats(), pair.e1.stats()
     assert not wrong
     assert outcomes["ok"] + outcomes["failed"] == SESSIONS
-    injected = sum(f0.injected[k] + f1.injected[k] for k in (Fault.ERROR, Fault.STUCK))
+    injected = sum(pair.t0.injected[k] + pair.t1.injected[k] for k in (Fault.ERROR, Fault.STUCK))
     assert injected > 0 and outcomes["failed"] > 0
     assert stats0.sessions == stats1.sessions == 0
     assert stats0.completed + stats0.failed + stats0.cancelled == SESSIONS

@@ -1,0 +1,76 @@
+"""``EngineConfig``: the engine's timeouts and budgets, validated where the config is made."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+from kvhandoff.engine.errors import EngineConfigError
+from kvhandoff.sessions import HealthPolicy
+
+__all__ = ["EngineConfig"]
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise EngineConfigError(attribute.name, value, "a positive finite number")
+
+
+def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive(instance, attribute, value)
+
+
+def _non_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EngineConfigError(attribute.name, value, "a non-negative int")
+
+
+@attrs.frozen
+class EngineConfig:
+    """Timeouts and budgets of a ``TransferEngine``; validated where it is made.
+
+    ``queue_timeout_s`` bounds the wait from ``send``/``receive`` to the handshake,
+    ``transfer_timeout_s`` the transfer from the handshake (a long queue is not a wedged
+    transport). ``lease_s``: a peer with open transfers that sends nothing (heartbeats are
+    sent every ``heartbeat_interval_s``, default a quarter lease) for that long is declared
+    lost. ``quarantine_budget``, ``progress_deadline_s`` and ``restart_grace_s`` are the
+    health policy. ``drain_timeout_s`` bounds the drain when the engine's context exits.
+    ``idle_sleep_s`` is the pause of a tick that found nothing to do.
+    """
+
+    queue_timeout_s: float | None = attrs.field(default=30.0, validator=_optional_positive)
+    transfer_timeout_s: float | None = attrs.field(default=30.0, validator=_optional_positive)
+    lease_s: float = attrs.field(default=10.0, validator=_positive)
+    heartbeat_interval_s: float | None = attrs.field(default=None,
+                                                     validator=_optional_positive)
+    quarantine_budget: int = attrs.field(default=16, validator=_non_negative_int)
+    progress_deadline_s: float = attrs.field(default=60.0, validator=_positive)
+    restart_grace_s: float = attrs.field(default=120.0, validator=_positive)
+    drain_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    idle_sleep_s: float = attrs.field(default=0.0005, validator=_positive)
+    max_early_advertises: int = attrs.field(default=65536, validator=_non_negative_int)
+    agreement_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    recent_sessions: int = attrs.field(default=4096, validator=_non_negative_int)
+
+    @property
+    def heartbeat_every_s(self) -> float:
+        if self.heartbeat_interval_s is not None:
+            return self.heartbeat_interval_s
+        return self.lease_s / 4
+
+    @property
+    def unsettled_grace_s(self) -> float:
+        """How long a TP group may leave a request unsettled before each rank releases it on
+        its own quiescence: both timeouts, and at least one agreement timeout."""
+        waits = (self.queue_timeout_s or 0.0) + (self.transfer_timeout_s or 0.0)
+        return max(waits, self.agreement_timeout_s)
+
+    def health_policy(self) -> HealthPolicy:
+        return HealthPolicy(
+            quarantine_budget=self.quarantine_budget,
+            progress_deadline_s=self.progress_deadline_s,
+            restart_grace_s=self.restart_grace_s,
+        )

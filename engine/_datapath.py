@@ -1,0 +1,290 @@
+"""``DataPath``: posting data operations, their completions, and how failed ones wind down.
+
+A transfer moves as one operation, or one per layer (layer-wise): the sender gathers the
+blocks into a staging buffer and posts sends, the receiver posts receives into a staging
+buffer and scatters it into its blocks once every receive is final. Each posted operation's
+handle carries its transfer (``op.token``), so a completion finds its transfer in O(1).
+
+Failure. The error surfaces to the host at once while the blocks stay pinned; the data
+operations are then settled in one of two ways (``WindDown``). *Abort* when the peer's side
+can no longer complete (the transfer deadline passed, the peer's lease lapsed, the peer sent
+CANCEL, posting failed here): cancel what is pending and tell the peer CANCEL. *Complete*
+otherwise (a transport error, the peer's FAIL, the TP group's failure, the host's cancel): a
+sender posts its remaining chunks so that every receive the receiver posted is matched, the
+receiver keeps its receives, and the peer is told FAIL. Completing matters because MPI cannot
+cancel a posted send: a receiver that cancelled its receives would leave the sender's blocks
+pinned for good. A completing transfer still aborts at the transfer deadline, so a wedged
+transport cannot hold its blocks forever unless the transport itself can neither finish nor
+cancel the operation, which health then reports.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import TYPE_CHECKING
+
+from kvhandoff import cuda_ext
+from kvhandoff.engine import _wire as wire
+from kvhandoff.engine._staging import StagingPool
+from kvhandoff.engine._transfer import Transfer, WindDown
+from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
+from kvhandoff.engine.transports import HandleKind, HandleState, TransportHandle
+from kvhandoff.sessions import OPEN_STATES, Event, FailureReason, Role
+
+if TYPE_CHECKING:
+    from kvhandoff.engine._engine import TransferEngine
+
+__all__ = ["DataPath"]
+
+
+class DataPath:
+    """The data operations of one engine. Session changes go through the engine
+    (``engine._apply``); the peer is told through its control plane."""
+
+    def __init__(self, engine: TransferEngine) -> None:
+        self._engine = engine
+        self._transport = engine.transport
+        pool = engine.pool
+        self._layers = pool.layers
+        self._layer_pairs = [pool.layers[2 * i:2 * i + 2] for i in range(pool.num_layers)]
+        self._num_layers = pool.num_layers
+        self.staging = StagingPool(device=pool.device)
+        self._tags_in_use: set[int] = set()
+        self._next_tag = 1
+        # Completing wind-downs, by the time they abort: (when, tiebreak, transfer).
+        self._abort_at: list[tuple[float, int, Transfer]] = []
+        self._abort_seq = itertools.count()
+        config = engine.config
+        self._abort_grace_s = config.transfer_timeout_s or config.lease_s
+        # Counters (EngineStats), and the progress not yet handed to the health monitor.
+        self.bytes_sent = self.bytes_received = 0
+        self.progress_completions = self.progress_bytes = 0
+
+    # --- tags ------------------------------------------------------------------------------
+
+    def reserve_tags(self, request_id: str, count: int) -> int:
+        """The first of ``count`` consecutive free data tags, now in use; raises
+        ``DataTagsExhaustedError`` (changing nothing) when no such range is free."""
+        top = self._transport.max_tag - count + 1
+        for _ in range(len(self._tags_in_use) + 1):
+            first = self._next_tag
+            self._next_tag = first + count if first + count <= top else 1
+            tags = range(first, first + count)
+            if first + count - 1 <= self._transport.max_tag and \
+                    self._tags_in_use.isdisjoint(tags):
+                self._tags_in_use.update(tags)
+                return first
+        raise DataTagsExhaustedError(request_id, count, self._transport.max_tag,
+                                     len(self._tags_in_use))
+
+    def free_tags(self, first: int, count: int) -> None:
+        self._tags_in_use.difference_update(range(first, first + count))
+
+    # --- starting --------------------------------------------------------------------------
+
+    def start_receive(self, transfer: Transfer, now: float) -> bool:
+        """Post every receive of a transfer (its tags are reserved); False when posting
+        failed (the transfer is failed then, and nothing may be advertised)."""
+        transfer.staging = self.staging.acquire(transfer.total_nbytes)
+        transfer.ops = [None] * transfer.num_chunks
+        return all(self._post(transfer, HandleKind.RECV, chunk, now)
+                   for chunk in range(transfer.num_chunks))
+
+    def start_send(self, transfer: Transfer, data_tag: int, now: float) -> None:
+        """The receiver advertised: post the whole send, or each layer already produced."""
+        transfer.data_tag = data_tag
+        transfer.staging = self.staging.acquire(transfer.total_nbytes)
+        transfer.ops = [None] * transfer.num_chunks
+        self._engine._apply(transfer, Event.ADVERTISE, now)
+        if not transfer.layerwise:
+            self._post_chunk(transfer, 0, now)
+            return
+        # One operation per layer, in layer order, however many were ready already: batching
+        # by what happens to be ready would give ranks different granularities (seed 003).
+        for layer in sorted(transfer.layers_ready):
+            self._post_chunk(transfer, layer, now)
+
+    def layer_ready(self, transfer: Transfer, layer: int, now: float) -> bool:
+        """Mark a layer of a layer-wise send produced; True when it was posted now."""
+        if not transfer.layerwise or transfer.role is not Role.SENDER:
+            raise LayerReadyError(transfer.request_id, layer, "a layer-wise send's handle")
+        if (isinstance(layer, bool) or not isinstance(layer, int)
+                or not 0 <= layer < self._num_layers):
+            raise LayerReadyError(transfer.request_id, layer,
+                                  f"a layer index in 0..{self._num_layers - 1}")
+        if layer in transfer.layers_ready:
+            raise LayerReadyError(transfer.request_id, layer, "a layer not marked ready yet")
+        transfer.layers_ready.add(layer)
+        if transfer.state in OPEN_STATES and transfer.posted < transfer.expected:
+            self._post_chunk(transfer, layer, now)
+            return True
+        return False
+
+    # --- posting ---------------------------------------------------------------------------
+
+    def _post_chunk(self, transfer: Transfer, chunk: int, now: float, *,
+                    force: bool = False) -> None:
+        """Gather and post one chunk. After a failure only a completing wind-down posts
+        (``force``); an aborting one posts nothing more."""
+        if transfer.wind_down is WindDown.ABORT or transfer.posted >= transfer.expected or (
+                transfer.outcome_known and not force):
+            return
+        layers = self._layer_pairs[chunk] if transfer.layerwise else self._layers
+        try:
+            cuda_ext.gather(layers, transfer.block_ids, transfer.chunk_view(chunk))
+        except Exception as exc:  # a bad block table must fail this transfer, not the loop
+            self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
+            return
+        self._post(transfer, HandleKind.SEND, chunk, now)
+
+    def _post(self, transfer: Transfer, kind: HandleKind, chunk: int, now: float) -> bool:
+        """Post one data operation; the first takes the session ``IN_FLIGHT`` (through
+        ``ADVERTISED`` for a receiver, which advertises right after posting)."""
+        view = transfer.chunk_view(chunk)
+        tag = transfer.data_tag + chunk
+        try:
+            if kind is HandleKind.SEND:
+                op = self._transport.post_send(view, transfer.peer, tag)
+            else:
+                op = self._transport.post_recv(view, transfer.peer, tag)
+        except Exception as exc:
+            self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
+            return False
+        op.token = transfer
+        transfer.ops[chunk] = op
+        transfer.posted += 1
+        transfer.ops_pending += 1
+        session = transfer.session
+        if session.allows(Event.ADVERTISE):
+            self._engine._apply(transfer, Event.ADVERTISE, now)
+        if session.allows(Event.POSTED):
+            self._engine._apply(transfer, Event.POSTED, now, handle=transfer)
+        return True
+
+    def local_error(self, transfer: Transfer, reason: FailureReason, detail: str,
+                    now: float) -> None:
+        """Posting failed here: what was posted is aborted (the peer is told CANCEL)."""
+        transfer.wind_down = WindDown.ABORT
+        session = transfer.session
+        if session.failure is not None:  # already failed: only the wind-down changes
+            self.wind_down(transfer, now)
+        elif session.allows(Event.ABORT):
+            self._engine._apply(transfer, Event.ABORT, now, reason=reason, detail=detail[:256])
+
+    # --- completions -----------------------------------------------------------------------
+
+    def on_op_final(self, op: TransportHandle, now: float) -> None:
+        transfer = op.token
+        engine = self._engine
+        if not isinstance(transfer, Transfer) or \
+                engine._transfers.get(transfer.request_id) is not transfer:
+            return
+        transfer.ops_pending -= 1
+        self.progress_completions += 1
+        if op.state is HandleState.DONE:
+            self.progress_bytes += op.nbytes
+            if op.kind is HandleKind.SEND:
+                self.bytes_sent += op.nbytes
+            else:
+                self.bytes_received += op.nbytes
+        elif transfer.op_error is None:
+            transfer.op_error = op.error or "transport error"
+            if not transfer.outcome_known and not transfer.quiescent_ops:
+                # Other operations may still touch the buffer: surface the error now and
+                # keep everything pinned (quarantine) until they are final.
+                engine._apply(transfer, Event.ABORT, now, reason=FailureReason.TRANSPORT_ERROR,
+                              detail=transfer.op_error[:256])
+        if transfer.quiescent_ops and transfer.session.allows(Event.HANDLE_DONE):
+            self._local_final(transfer, now)
+
+    def _local_final(self, transfer: Transfer, now: float) -> None:
+        """Every operation of the transfer is final: the session is quiescent here."""
+        session = transfer.session
+        if session.local_final:
+            return
+        engine = self._engine
+        if session.failure is not None or session.cancel_requested:
+            # The outcome is already failure; HANDLE_DONE settles it (the reason stays).
+            engine._apply(transfer, Event.HANDLE_DONE, now)
+            return
+        if transfer.op_error is not None:
+            engine._apply(transfer, Event.HANDLE_FAILED, now,
+                          reason=FailureReason.TRANSPORT_ERROR, detail=transfer.op_error[:256])
+            return
+        if transfer.role is Role.RECEIVER:
+            assert transfer.staging is not None  # taken at start_receive, kept until release
+            try:
+                cuda_ext.scatter(transfer.staging, self._layers, transfer.block_ids)
+            except Exception as exc:
+                engine._apply(transfer, Event.HANDLE_FAILED, now,
+                              reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
+                return
+        engine._apply(transfer, Event.HANDLE_DONE, now)
+        engine._reported_ok(transfer)
+
+    # --- wind-down -------------------------------------------------------------------------
+
+    def wind_down(self, transfer: Transfer, now: float) -> None:
+        """Settle the data operations of a failed or cancelled transfer: *abort* (cancel
+        what is pending, post nothing more) when ``transfer.wind_down`` says so, else
+        *complete* (see the module docstring). Idempotent."""
+        session = transfer.session
+        if session.is_terminal:
+            return
+        if transfer.wind_down is WindDown.ABORT:
+            transfer.expected = transfer.posted
+            for op in transfer.ops:
+                if op is not None and not op.final:
+                    op.cancel()
+        elif transfer.wind_down is WindDown.NONE:
+            transfer.wind_down = WindDown.COMPLETE
+            if transfer.role is Role.SENDER and transfer.posted:
+                for chunk, op in enumerate(transfer.ops):
+                    if op is None:
+                        self._post_chunk(transfer, chunk, now, force=True)
+            else:
+                transfer.expected = transfer.posted
+            if transfer.ops_pending:
+                heapq.heappush(self._abort_at, (now + self._abort_grace_s,
+                                                next(self._abort_seq), transfer))
+        if transfer.quiescent_ops and transfer.posted and \
+                session.allows(Event.HANDLE_DONE) and not session.local_final:
+            self._local_final(transfer, now)
+
+    def abort_due(self, now: float) -> bool:
+        """Completing wind-downs whose transfer deadline passed: abort them (and tell the
+        peer to abort its side). Cost: O(due)."""
+        due = self._abort_at
+        engine = self._engine
+        busy = False
+        while due and due[0][0] <= now:
+            _, _, transfer = heapq.heappop(due)
+            if (engine._transfers.get(transfer.request_id) is not transfer
+                    or not transfer.ops_pending or transfer.wind_down is WindDown.ABORT):
+                continue
+            busy = True
+            transfer.wind_down = WindDown.ABORT
+            engine._control.send(transfer.peer, wire.Cancel(
+                transfer.request_id, wire.FailReason.TIMEOUT,
+                "operations still pending at the transfer deadline"))
+            self.wind_down(transfer, now)
+        return busy
+
+    @property
+    def has_aborts_due(self) -> bool:
+        return bool(self._abort_at)
+
+    # --- release ---------------------------------------------------------------------------
+
+    def release(self, transfer: Transfer) -> None:
+        """The transfer left the table: hand back its staging buffer and tags, and cut the
+        operation -> transfer links (nothing follows them any more)."""
+        if transfer.staging is not None:
+            self.staging.release(transfer.staging)
+            transfer.staging = None
+        for op in transfer.ops:
+            if op is not None:
+                op.token = None
+        if transfer.role is Role.RECEIVER and transfer.data_tag:
+            self.free_tags(transfer.data_tag, transfer.num_chunks)

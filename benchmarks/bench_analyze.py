@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from kvhandoff.engine._diagnosis import analyze_logs
+from kvhandoff.analysis import analyze_logs
 
 GOAL_EVENTS_PER_S = 1_000_000
 T0 = 1_795_000_000.0

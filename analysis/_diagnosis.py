@@ -2,8 +2,9 @@
 
 Theory of operation. Each rank's log (docs/log-schema.md) is first reduced on its own to a
 ``RankDigest`` (``_digest``: its calls per communicator as arrays indexed by sequence number,
-and its session findings) - in parallel worker processes for big inputs - and then four
-questions are answered across ranks, each from every source that can answer it:
+merged from every source by ``_merge``, and its session findings) - in parallel worker
+processes for big inputs - and then four questions are answered across ranks, each from
+every source that can answer it:
 
 - *Divergence* - the first sequence number, per communicator, at which ranks issued different
   collectives. Sources: ``collective.desync`` lines (the table of fingerprints a rank saw),
@@ -20,7 +21,10 @@ questions are answered across ranks, each from every source that can answer it:
 - *Sessions* - transfers whose last transition is not terminal, failures, quarantines,
   cancels with their results, blocks whose deferred free was never released, and on request
   one request's timeline across ranks.
-- *Health* - every ``health.change``.
+- *Health* - every ``health.change``; a broken TP group (``engine.tp_failed``: its error and
+  the ranks that logged it); and the engine's warnings (``control.rejected``,
+  ``control.send_failed``, ``engine.drain_left``, ``engine.group_incomplete``) counted, with
+  the first few of each.
 
 ``Report.problems`` lists one line per finding; an empty tuple means the run was clean.
 Input notes (bad or truncated lines) are reported but are not problems by themselves.
@@ -34,35 +38,40 @@ from collections.abc import Iterable
 
 import attrs
 import numpy as np
-from kvhandoff.engine._digest import (
-    PENDING,
-    STATE_FROM_DUMP,
-    STATE_FROM_EXIT,
-    TIMEOUT,
-    CallLog,
+from kvhandoff.analysis._digest import (
+    ENGINE_WARNINGS,
+    EXAMPLES,
     RankDigest,
     default_workers,
     digest_files,
     digest_rank,
 )
-from kvhandoff.engine._logs import (
+from kvhandoff.analysis._merge import (
+    PENDING,
+    STATE_FROM_DUMP,
+    STATE_FROM_EXIT,
+    TIMEOUT,
+    CallLog,
+)
+from kvhandoff.analysis._reader import (
     MISSING_FILE,
     UNREADABLE_FILE,
     InputNote,
     Line,
-    LogDirError,
     LogSet,
     Position,
     rank_files,
 )
-from kvhandoff.engine._report import (
+from kvhandoff.analysis._report import (
     CallPosition,
     Divergence,
+    EventTally,
     Fingerprint,
     Hang,
     Report,
     Whereabouts,
 )
+from kvhandoff.analysis.errors import LogDirError
 
 __all__ = ["NO_LOG_NOTE", "PARALLEL_MIN_BYTES", "analyze", "analyze_logs"]
 
@@ -76,8 +85,10 @@ def _int_key(key: str) -> int | None:
 
 
 def _from_peer(rank: int, position: Position, source: str) -> CallPosition:
+    """A position or a fingerprint (which has no state) that a peer reported."""
+    state = getattr(position, "state", None)
     return CallPosition(
-        rank, position.seq, position.op, position.site, position.tag, position.state, None, source
+        rank, position.seq, position.op, position.site, position.tag, state, None, source
     )
 
 
@@ -323,6 +334,37 @@ def _ranks_text(ranks: Iterable[int]) -> str:
     return ", ".join(str(rank) for rank in ranks) or "none"
 
 
+# The problem line of each of _digest.ENGINE_WARNINGS.
+_WARNING_PROBLEMS = {
+    "control.rejected": "{count} control message(s) rejected, on rank(s) {ranks}",
+    "control.send_failed": "{count} control message(s) could not be sent, on rank(s) {ranks}",
+    "engine.drain_left": "a drain ended with transfers still open, on rank(s) {ranks}",
+    "engine.group_incomplete": (
+        "{count} request(s) released without the TP group's agreement, on rank(s) {ranks}"
+    ),
+}
+
+
+def _tallies(digests: list[RankDigest]) -> list[EventTally]:
+    """One tally per engine warning that some rank logged, in ``ENGINE_WARNINGS`` order."""
+    tallies = []
+    for event in ENGINE_WARNINGS:
+        found = [(d.rank, d.warnings[event]) for d in digests if event in d.warnings]
+        if not found:
+            continue
+        examples = sorted(
+            (example for _, (_, first) in found for example in first),
+            key=lambda example: (example.ts, example.rank),
+        )
+        tallies.append(EventTally(
+            event=event,
+            count=sum(count for _, (count, _) in found),
+            ranks=tuple(rank for rank, _ in found),
+            examples=tuple(examples[:EXAMPLES]),
+        ))
+    return tallies
+
+
 def analyze(
     logs: LogSet, *, request_id: str | None = None, comm: str | None = None
 ) -> Report:
@@ -430,6 +472,19 @@ def _report(
     restarts = sorted({change.rank for change in health if change.restart_requested})
     if restarts:
         problems.append(f"restart requested on rank(s) {_ranks_text(restarts)}")
+    tp_failures = sorted(
+        (failure for d in ordered for failure in d.tp_failures), key=lambda f: (f.ts, f.rank)
+    )
+    if tp_failures:
+        broken = sorted({failure.rank for failure in tp_failures})
+        problems.append(
+            f"TP group broken on rank(s) {_ranks_text(broken)}: {tp_failures[0].error}"
+        )
+    warnings = _tallies(ordered)
+    for tally in warnings:
+        problems.append(_WARNING_PROBLEMS[tally.event].format(
+            count=tally.count, ranks=_ranks_text(tally.ranks)
+        ))
 
     first = [d.first_ts for d in ordered if d.first_ts is not None]
     last = [d.last_ts for d in ordered if d.last_ts is not None]
@@ -449,6 +504,8 @@ def _report(
         cancels=tuple(cancels),
         pinned_blocks=tuple(pinned),
         health_changes=tuple(health),
+        tp_failures=tuple(tp_failures),
+        engine_warnings=tuple(warnings),
         request_id=request_id,
         timeline=tuple(timeline),
         problems=tuple(problems),

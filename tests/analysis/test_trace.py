@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kvhandoff.analysis import build_trace, load_logs, schema, trace_command, write_trace
 from kvhandoff.collectives import configure_logging, simulate_ranks
-from kvhandoff.engine import _trace
-from kvhandoff.engine._logs import load_logs
-from kvhandoff.engine._trace import build_trace, write_trace
 
 T0 = 1_763_700_000.0
 PHASES = {"X", "i", "M", "s", "t", "f"}
@@ -145,6 +143,22 @@ def test_trace_session_states_and_instants(tmp_path: Path) -> None:
     assert thread_name(by_phase, 0, instants["health.change"]["tid"]) == "events"
 
 
+def test_trace_engine_warnings_and_failures_are_instants(tmp_path: Path) -> None:
+    write_rank(tmp_path, 0, [
+        line("control.rejected", 0, 0.1, source=1, what="decode", detail="bad magic"),
+        line("engine.drain_left", 0, 0.2, left=[{"request_id": "a", "state": "IN_FLIGHT"}]),
+        line("engine.tp_failed", 0, 0.3, error="CommClosedError: closed"),
+    ])
+    by_phase = check_trace(build_trace(load_logs(tmp_path)))
+    instants = {e["name"]: e for e in by_phase["i"]}
+    assert sorted(instants) == ["control.rejected", "engine.drain_left", "engine.tp_failed"]
+    assert instants["engine.tp_failed"]["args"] == {"level": "info",
+                                                    "error": "CommClosedError: closed"}
+    assert instants["engine.drain_left"]["args"]["left"] == [
+        {"request_id": "a", "state": "IN_FLIGHT"}]
+    assert {e["cat"] for e in instants.values()} == {"control", "engine"}
+
+
 def test_trace_pending_and_overlapping_calls(tmp_path: Path) -> None:
     # Rank 0: a non-blocking call (seq 1) overlaps seq 2; seq 3 is pending in a dump.
     entries = [
@@ -185,10 +199,13 @@ def test_trace_of_real_collectives_joins_ranks(
     configure_logging(log_dir, per_call=True)
     simulate_ranks(3, body, timeout=5.0)
     configure_logging(None)
+    for path in log_dir.glob("rank-*.jsonl"):
+        for text in path.read_text().splitlines():
+            assert schema.check_line(json.loads(text)) == [], text
     output = log_dir.parent / "trace.json"
     parser = argparse.ArgumentParser()
-    _trace.add_arguments(parser)
-    assert _trace.run(parser.parse_args([str(log_dir), "-o", str(output)])) == 0
+    trace_command.add_arguments(parser)
+    assert trace_command.run(parser.parse_args([str(log_dir), "-o", str(output)])) == 0
     assert "wrote" in capsys.readouterr().out
     trace = json.loads(output.read_text())
     by_phase = check_trace(trace)
@@ -204,8 +221,8 @@ def test_trace_cli_unreadable_input_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = argparse.ArgumentParser()
-    _trace.add_arguments(parser)
+    trace_command.add_arguments(parser)
     output = tmp_path / "trace.json"
-    assert _trace.run(parser.parse_args([str(tmp_path), "-o", str(output)])) == 2
+    assert trace_command.run(parser.parse_args([str(tmp_path), "-o", str(output)])) == 2
     assert "no rank-<N>.jsonl file" in capsys.readouterr().err
     assert not output.exists()

@@ -1,54 +1,15 @@
-"""``kvhandoff analyze LOG_DIR``: say what went wrong in a run, from its per-rank logs.
-
-Prints the report of ``_diagnosis.analyze`` as tables (rich), or as JSON with ``--json``.
-Exit status: 0 when the run was clean, 1 when a problem was found, 2 when the input cannot be
-read at all (no such directory, no rank file).
-"""
+"""The report of ``kvhandoff analyze`` as rich tables: one per finding, then the problems.
+``render(report)`` prints to stdout; rich is imported on the first call."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvhandoff.engine._report import CallPosition, Report
+    from kvhandoff.analysis._report import CallPosition, Report
     from rich.console import Console
 
-EXIT_CLEAN = 0
-EXIT_PROBLEMS = 1
-EXIT_UNREADABLE = 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``kvhandoff analyze``."""
-    parser.add_argument("log_dir", metavar="LOG_DIR", help="directory of rank-<N>.jsonl files")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--request", metavar="ID", default=None, help="add the cross-rank timeline of a request"
-    )
-    parser.add_argument(
-        "--comm", metavar="NAME", default=None, help="only this communicator's collectives"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Analyze ``args.log_dir``; print the report; return 0, 1 or 2 (see module doc)."""
-    import msgspec
-    from kvhandoff.engine._diagnosis import analyze_logs
-    from kvhandoff.engine._logs import LogDirError
-
-    try:
-        report = analyze_logs(args.log_dir, request_id=args.request, comm=args.comm)
-    except LogDirError as exc:
-        print(f"kvhandoff analyze: {exc}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    if args.json:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
-        sys.stdout.write("\n")
-    else:
-        render(report)
-    return EXIT_CLEAN if report.clean else EXIT_PROBLEMS
+__all__ = ["render"]
 
 
 def render(report: Report, console: Console | None = None) -> None:
@@ -105,6 +66,7 @@ class _Renderer:
         self.render_sessions()
         self.render_timeline()
         self.render_health()
+        self.render_engine()
         if report.problems:
             console.print("[bold red]Problems found:[/]")
             for problem in report.problems:
@@ -305,6 +267,45 @@ class _Renderer:
                 style=None if change.healthy else "red",
             )
         self.console.print(table)
+
+
+    def render_engine(self) -> None:
+        from rich.table import Table
+
+        report = self.report
+        if report.tp_failures:
+            ranks = sorted({failure.rank for failure in report.tp_failures})
+            table = Table(
+                title=(
+                    f"TP group broken (engine.tp_failed, logged by rank(s) "
+                    f"{', '.join(map(str, ranks))}): every open transfer there failed"
+                ),
+                title_justify="left",
+            )
+            for column in ("at", "rank", "comm", "error type", "error"):
+                table.add_column(column, overflow="fold")
+            for failure in report.tp_failures:
+                table.add_row(
+                    self.when(failure.ts),
+                    str(failure.rank),
+                    _text(failure.comm),
+                    _text(failure.error_type),
+                    _text(failure.error),
+                    style="red",
+                )
+            self.console.print(table)
+        if report.engine_warnings:
+            table = Table(title="Engine warnings (first lines of each)", title_justify="left")
+            for column in ("event", "lines", "ranks", "at", "rank", "detail"):
+                table.add_column(column, overflow="fold")
+            for tally in report.engine_warnings:
+                writers = ", ".join(map(str, tally.ranks))
+                for index, example in enumerate(tally.examples):
+                    head = (tally.event, str(tally.count), writers) if index == 0 else ("", "", "")
+                    table.add_row(
+                        *head, self.when(example.ts), str(example.rank), _text(example.detail)
+                    )
+            self.console.print(table)
 
 
 def _text(value: object) -> str:

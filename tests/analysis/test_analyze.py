@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvhandoff.engine._cli import COMMANDS
-from kvhandoff.engine._diagnosis import NO_LOG_NOTE, analyze, analyze_logs
-from kvhandoff.engine._digest import digest_rank
-from kvhandoff.engine._logs import LogDirError, load_logs
-from kvhandoff.engine._report import Report
+from kvhandoff.analysis import (
+    NO_LOG_NOTE,
+    LogDirError,
+    Report,
+    analyze,
+    analyze_logs,
+    load_logs,
+)
+from kvhandoff.analysis._digest import digest_rank
+from kvhandoff.cli import COMMANDS
 
 T0 = 1_763_700_000.0
 SITE_A = "engine/_engine.py:120 _agree"
@@ -475,13 +480,91 @@ def test_analyze_markup_in_values_is_printed_verbatim(
 
 def test_analyze_and_trace_are_registered_commands(capsys: pytest.CaptureFixture[str]) -> None:
     modules = {name: module for name, module, _ in COMMANDS}
-    assert modules["analyze"] == "kvhandoff.engine._analyze"
-    assert modules["trace"] == "kvhandoff.engine._trace"
+    assert modules["analyze"] == "kvhandoff.analysis.analyze_command"
+    assert modules["trace"] == "kvhandoff.analysis.trace_command"
     for command in ("analyze", "trace"):
         with pytest.raises(SystemExit) as excinfo:
             run_cli(capsys, command, "--help")
         assert excinfo.value.code == 0
         assert "LOG_DIR" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def test_analyze_tp_failure_names_error_and_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = "CollectiveTimeoutError: seq 7 on comm 'tp' timed out after 5.0s"
+    for rank in (0, 1):
+        write_rank(tmp_path, rank, [
+            line("engine.tp_failed", rank, 1.0 + rank, error=error.replace("seq", f"r{rank} seq")),
+        ])
+    write_rank(tmp_path, 2, [line("health.change", 2, 0.5, healthy=True)])
+    report = report_of(tmp_path)
+    assert [(f.rank, f.error_type) for f in report.tp_failures] == [
+        (0, "CollectiveTimeoutError"), (1, "CollectiveTimeoutError")]
+    assert report.tp_failures[0].error.startswith("CollectiveTimeoutError: r0 seq 7")
+    assert report.problems == (
+        "TP group broken on rank(s) 0, 1: CollectiveTimeoutError: r0 seq 7 on comm 'tp' "
+        "timed out after 5.0s",
+    )
+    code, out, _ = run_cli(capsys, "analyze", str(tmp_path))
+    assert code == 1
+    assert "TP group broken (engine.tp_failed, logged by rank(s) 0, 1)" in out
+    code, out, _ = run_cli(capsys, "analyze", str(tmp_path), "--json")
+    data = json.loads(out)
+    assert [(f["rank"], f["error_type"]) for f in data["tp_failures"]] == [
+        (0, "CollectiveTimeoutError"), (1, "CollectiveTimeoutError")]
+
+
+def test_analyze_engine_warnings_counted_with_first_examples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_rank(tmp_path, 0, [
+        line("control.rejected", 0, 0.1 * n, source=1, what="cancel",
+             detail=f"unknown request 'r{n}'") for n in range(5)
+    ] + [
+        line("engine.drain_left", 0, 2.0, left=[{"request_id": "a", "state": "IN_FLIGHT"},
+                                                {"request_id": "b", "state": "QUARANTINED"}]),
+        line("engine.tp_failed", 0, 2.5, error="not an exception text"),
+    ])
+    write_rank(tmp_path, 1, [
+        line("control.rejected", 1, 0.05, source=0, what="decode", detail="bad magic"),
+        line("control.send_failed", 1, 0.3, peer=0, error="ConnectionError('down')"),
+        line("engine.group_incomplete", 1, 1.0, request_id="a", quiescent=[1]),
+    ])
+    report = report_of(tmp_path, request_id="a")
+    tallies = {t.event: t for t in report.engine_warnings}
+    assert list(tallies) == ["control.rejected", "control.send_failed", "engine.drain_left",
+                             "engine.group_incomplete"]
+    rejected = tallies["control.rejected"]
+    assert (rejected.count, rejected.ranks) == (6, (0, 1))
+    assert [(e.rank, e.detail) for e in rejected.examples] == [
+        (0, "cancel from rank 1: unknown request 'r0'"),
+        (1, "decode from rank 0: bad magic"),
+        (0, "cancel from rank 1: unknown request 'r1'"),
+    ]
+    assert tallies["engine.drain_left"].examples[0].detail == (
+        "2 transfer(s) still open: a (IN_FLIGHT), b (QUARANTINED)")
+    assert tallies["engine.group_incomplete"].examples[0].detail == (
+        "a released without the group; quiescent TP rank(s): 1")
+    assert report.tp_failures[0].error_type is None
+    assert report.problems == (
+        "TP group broken on rank(s) 0: not an exception text",
+        "6 control message(s) rejected, on rank(s) 0, 1",
+        "1 control message(s) could not be sent, on rank(s) 1",
+        "a drain ended with transfers still open, on rank(s) 0",
+        "1 request(s) released without the TP group's agreement, on rank(s) 1",
+    )
+    assert [(e.rank, e.event) for e in report.timeline] == [
+        (1, "engine.group_incomplete"), (0, "engine.drain_left")]
+    code, out, _ = run_cli(capsys, "analyze", str(tmp_path))
+    assert code == 1 and "Engine warnings" in out and "ConnectionError('down')" in out
+    code, out, _ = run_cli(capsys, "analyze", str(tmp_path), "--json")
+    data = json.loads(out)
+    assert [t["count"] for t in data["engine_warnings"]] == [6, 1, 1, 1]
+    assert data["engine_warnings"][0]["examples"][0]["detail"].startswith("cancel from")
 
 
 # --------------------------------------------------------------------------- digest, workers

@@ -1,15 +1,17 @@
 """The report of ``kvhandoff analyze``: plain frozen values (attrs), JSON-encodable with
-msgspec. ``_diagnosis`` fills them in; ``_analyze`` prints them."""
+msgspec. ``_diagnosis`` fills them in; ``_render`` prints them."""
 
 from __future__ import annotations
 
 import attrs
-from kvhandoff.engine._logs import InputNote
+from kvhandoff.analysis._reader import InputNote
 
 __all__ = [
     "CallPosition",
     "Cancel",
     "Divergence",
+    "EventExample",
+    "EventTally",
     "Fingerprint",
     "Hang",
     "HealthChange",
@@ -18,6 +20,7 @@ __all__ = [
     "Report",
     "SessionOutcome",
     "TimelineEntry",
+    "TpFailure",
     "Whereabouts",
 ]
 
@@ -155,6 +158,40 @@ class HealthChange:
 
 
 @attrs.frozen
+class TpFailure:
+    """The engine's TP group broke, as ``rank`` saw it (``engine.tp_failed``): every open
+    transfer there failed. ``error`` is the line's ``"<ExceptionType>: <message>"``;
+    ``error_type`` is the exception type in it (None when the text does not start with one);
+    ``comm`` names the TP group's communicator."""
+
+    rank: int
+    ts: float
+    comm: str | None
+    error: str
+    error_type: str | None
+
+
+@attrs.frozen
+class EventExample:
+    """One line of an event, in a few words."""
+
+    rank: int
+    ts: float
+    detail: str
+
+
+@attrs.frozen
+class EventTally:
+    """The lines of one event over every rank: ``count`` of them, written by ``ranks``, and
+    the first few (``examples``, by time)."""
+
+    event: str
+    count: int
+    ranks: tuple[int, ...]
+    examples: tuple[EventExample, ...]
+
+
+@attrs.frozen
 class TimelineEntry:
     """One line of a request's cross-rank timeline."""
 
@@ -167,8 +204,11 @@ class TimelineEntry:
 @attrs.frozen
 class Report:
     """Everything ``kvhandoff analyze`` found. ``problems`` is empty exactly when the run
-    was clean; ``missing_ranks`` are world ranks with no readable log file; ``timeline`` is
-    filled only when a ``request_id`` was asked for."""
+    was clean; ``missing_ranks`` are world ranks with no readable log file; ``tp_failures``
+    has one entry per ``engine.tp_failed`` line, by time; ``engine_warnings`` one tally per
+    engine warning that was logged (``control.rejected``, ``control.send_failed``,
+    ``engine.drain_left``, ``engine.group_incomplete``); ``timeline`` is filled only when a
+    ``request_id`` was asked for."""
 
     log_dir: str
     ranks: tuple[int, ...]
@@ -185,6 +225,8 @@ class Report:
     cancels: tuple[Cancel, ...]
     pinned_blocks: tuple[PinnedBlocks, ...]
     health_changes: tuple[HealthChange, ...]
+    tp_failures: tuple[TpFailure, ...]
+    engine_warnings: tuple[EventTally, ...]
     request_id: str | None
     timeline: tuple[TimelineEntry, ...]
     problems: tuple[str, ...]

@@ -7,11 +7,13 @@ this file that issued the calls."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kvhandoff.analysis import NO_LOG_NOTE, Report, analyze, analyze_command, load_logs, schema
 from kvhandoff.collectives import (
     CheckedComm,
     CollectiveDesyncError,
@@ -19,10 +21,6 @@ from kvhandoff.collectives import (
     configure_logging,
     simulate_ranks,
 )
-from kvhandoff.engine import _analyze
-from kvhandoff.engine._diagnosis import NO_LOG_NOTE, analyze
-from kvhandoff.engine._logs import load_logs
-from kvhandoff.engine._report import Report
 
 THIS_FILE = Path(__file__).name
 # Short deadline: the hang scenario waits it out once.
@@ -69,16 +67,23 @@ def seed001_rank(comm: CheckedComm) -> None:
 
 
 def run_scenario(log_dir: Path, n: int, fn: Any, per_call: bool) -> list[Any]:
+    """Run ``fn`` on ``n`` in-process ranks, logging to ``log_dir``; every line the real
+    collectives code wrote must follow the schema exactly (its objects included: desync
+    tables, positions, recorder entries, which the static scan cannot see)."""
     configure_logging(log_dir, per_call=per_call)
     results = simulate_ranks(n, fn, timeout=DEADLINE_S, return_exceptions=True)
     configure_logging(None)
+    for path in sorted(log_dir.glob("rank-*.jsonl")):
+        for number, text in enumerate(path.read_text().splitlines(), 1):
+            line = json.loads(text)
+            assert schema.check_line(line) == [], f"{path.name}:{number}: {line}"
     return results
 
 
 def run_analyze(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    _analyze.add_arguments(parser)
-    code = _analyze.run(parser.parse_args(list(args)))
+    analyze_command.add_arguments(parser)
+    code = analyze_command.run(parser.parse_args(list(args)))
     return code, capsys.readouterr().out
 
 

@@ -1,21 +1,23 @@
 """Reading kvhandoff's per-rank logs: ``<log_dir>/rank-<N>.jsonl``, one JSON object a line.
 
-The keys are the contract of docs/log-schema.md. This module only reads and types them; what
-they mean is worked out in ``_diagnosis``. It is tolerant on purpose, because the logs it reads
-come from jobs that crashed or hung: a rank file that is absent or unreadable, a last line cut
-off by a kill, a line that is not JSON or does not follow the schema are each recorded as an
-``InputNote`` and reading goes on. Only a directory that cannot be listed, or one that holds no
-readable rank file at all, raises ``LogDirError``.
+The keys are those of ``kvhandoff.analysis.schema`` (docs/log-schema.md), and the structs
+that type them are built from it. This module only reads and types them; what they mean is
+worked out in ``_merge``, ``_digest`` and ``_diagnosis``. It is tolerant on purpose, because
+the logs it reads come from jobs that crashed or hung: a rank file that is absent or
+unreadable, a last line cut off by a kill, a line that is not JSON or does not follow the
+schema are each recorded as an ``InputNote`` and reading goes on. Only a directory that cannot
+be listed, or one that holds no readable rank file at all, raises ``LogDirError``.
 
 Two typings of a line, which accept exactly the same lines:
 
 - ``LogLine``, one struct with every key of the schema (``read_rank_log``, ``load_logs``);
-- per event, a struct with only that event's keys (``read_rank_events``, the analyzer's path):
-  ``EnterLine``, ``ExitLine`` ... A struct is decoded, filled in and freed field by field:
-  with 8 to 11 fields instead of 41, a line costs about a third less (measured on a log of
-  mostly ``collective.enter`` / ``exit`` lines). A line these do not take - an event outside
-  the schema, a key outside its event's keys - is decoded as a ``LogLine`` instead, so that
-  what is accepted, with what values, and every note are the same as with ``LogLine`` alone.
+- per event, a struct with only that event's keys (``read_rank_events``, the analyzer's path;
+  ``EVENT_STRUCTS``: ``CollectiveEnterLine``, ``CollectiveExitLine`` ...). A struct is
+  decoded, filled in and freed field by field: with 4 to 12 fields instead of 45, a line
+  costs about a third less (measured on a log of mostly ``collective.enter`` / ``exit``
+  lines). A line these do not take - an event outside the schema, a key outside its event's
+  keys - is decoded as a ``LogLine`` instead, so that what is accepted, with what values, and
+  every note are the same as with ``LogLine`` alone.
 
 Speed: a file is decoded a chunk (about 1 MiB, cut at a newline) per ``msgspec``
 ``decode_lines`` call, into typed structs; keys are matched and values checked in msgspec's C
@@ -30,22 +32,24 @@ import re
 from collections.abc import Iterable, Sequence
 from operator import attrgetter, countOf
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Union
 
 import attrs
 import msgspec
+from kvhandoff.analysis import schema
+from kvhandoff.analysis.errors import LogDirError
 
 __all__ = [
-    "EventLine",
+    "EVENT_STRUCTS",
     "InputNote",
     "Line",
-    "LogDirError",
     "LogLine",
     "LogSet",
     "Position",
     "RankLog",
     "RecorderEntry",
     "load_logs",
+    "rank_files",
     "read_rank_events",
     "read_rank_log",
 ]
@@ -66,218 +70,113 @@ BAD_LINE = "bad_line"
 RANK_MISMATCH = "rank_mismatch"
 
 
-class LogDirError(Exception):
-    """The log directory cannot be analyzed at all: it does not exist, cannot be listed, or
-    holds no readable ``rank-<N>.jsonl`` file. ``path`` is the directory, ``reason`` says which.
-    (``kvhandoff analyze`` exits 2 on it.)"""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(
-            f"cannot analyze {path}: {reason}; pass the directory that holds the "
-            f"rank-<N>.jsonl files written by kvhandoff's logging"
-        )
-        self.path = path
-        self.reason = reason
+# --------------------------------------------------------------------------- the typings
+#
+# Built from the schema (kvhandoff.analysis.schema), never written out by hand: a key added
+# there is decoded here. Every key but the required ones (ts, rank, event; seq and op of a
+# recorder entry) is optional and None when absent: the logs come from crashed runs.
 
 
-class Position(msgspec.Struct, frozen=True, gc=False):
-    """Where a rank was on one communicator, as another rank reported it (the values of
-    ``collective.timeout``'s ``positions`` and ``collective.desync``'s ``ranks``). Every key
-    is optional: a peer reports what it knows."""
-
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    state: str | None = None
-    root: int | None = None
-    reduce_op: str | None = None
+def _msgspec_type(kind: schema.KeyType) -> Any:
+    if isinstance(kind, schema.ListOf):
+        return list[_msgspec_type(kind.item)]  # type: ignore[misc]
+    if isinstance(kind, schema.RankMap):
+        return dict[str, _msgspec_type(kind.value)]  # type: ignore[misc]
+    if isinstance(kind, schema.LogObject):
+        return _OBJECT_STRUCTS[kind.name]
+    return kind
 
 
-class RecorderEntry(msgspec.Struct, frozen=True, gc=False):
-    """One collective in a ``flight_recorder.dump`` (``end`` is None while pending)."""
-
-    seq: int
-    op: str
-    site: str = ""
-    tag: str | None = None
-    summary: str | None = None
-    start: float | None = None
-    end: float | None = None
-    state: str = "pending"
-
-
-class LogLine(msgspec.Struct, frozen=True, gc=False):
-    """One log line. ``ts``, ``rank`` and ``event`` are required; every other key of the
-    schema is optional and None when the line's event does not carry it. Keys outside the
-    schema are ignored (additions to the log are fine)."""
-
-    ts: float
-    rank: int
-    event: str
-    level: str = "info"
-    # collectives
-    comm: str | None = None
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    root: int | None = None
-    reduce_op: str | None = None
-    summary: str | None = None
-    duration_s: float | None = None
-    state: str | None = None
-    ranks: dict[str, Position] | None = None
-    mismatched_ranks: list[int] | None = None
-    deadline_s: float | None = None
-    arrived: list[int] | None = None
-    missing: list[int] | None = None
-    positions: dict[str, Position] | None = None
-    reason: str | None = None
-    entries: list[RecorderEntry] | None = None
-    # engine
-    request_id: str | None = None
-    role: str | None = None
-    peer: int | None = None
-    from_state: str | None = None
-    to_state: str | None = None
-    trigger: str | None = None
-    result: str | None = None
-    safe_to_free: bool | None = None
-    healthy: bool | None = None
-    quarantined: int | None = None
-    quarantine_budget: int | None = None
-    seconds_since_progress: float | None = None
-    in_flight: int | None = None
-    restart_requested: bool | None = None
-    block_ids: list[int] | None = None
-    owner: str | None = None
-    phase: str | None = None
+def _fields(keys: Iterable[schema.LogKey]) -> list[tuple[Any, ...]]:
+    """msgspec fields of ``keys``, in the schema's (written) order: msgspec looks a key up
+    starting after the previous key's field, so in-order keys are found at the first
+    comparison."""
+    return [
+        (key.name, _msgspec_type(key.type))
+        if key.required
+        else (key.name, _msgspec_type(key.type) | None, None)
+        for key in keys
+    ]
 
 
-class _Event(
-    msgspec.Struct, frozen=True, gc=False, tag_field="event", forbid_unknown_fields=True
-):
-    """Keys on every line; ``event`` is the tag that picks the subclass. A key that is not
-    one of the event's (docs/log-schema.md) fails the line, which then goes to ``LogLine``."""
-
-    ts: float
-    rank: int
-    level: str = "info"
+def _struct_name(name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[._ ]", name))
 
 
-# Fields in the order the logger writes the keys: msgspec looks a key up starting after the
-# previous key's field, so in-order keys are found at the first comparison.
+def _define(name: str, fields: list[Any], **config: Any) -> type[msgspec.Struct]:
+    struct = msgspec.defstruct(
+        name, fields, module=__name__, kw_only=True, frozen=True, gc=False, **config
+    )
+    # Picklable by name: digests with lines in them come back from worker processes.
+    globals()[name] = struct
+    return struct
 
 
-class EnterLine(_Event, tag="collective.enter", frozen=True):
-    event: ClassVar[str] = "collective.enter"
-    comm: str | None = None
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    root: int | None = None
-    reduce_op: str | None = None
-    summary: str | None = None
+_OBJECT_STRUCTS: dict[str, type[msgspec.Struct]] = {}
+for _shape in schema.OBJECTS:
+    # One at a time: an object's keys may hold the objects defined before it.
+    _OBJECT_STRUCTS[_shape.name] = _define(_struct_name(_shape.name), _fields(_shape.keys))
+del _shape
+
+_COMMON = {key.name: key for key in schema.COMMON_KEYS}
 
 
-class ExitLine(_Event, tag="collective.exit", frozen=True):
-    event: ClassVar[str] = "collective.exit"
-    comm: str | None = None
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    duration_s: float | None = None
-    state: str | None = None
+def _line_keys() -> list[schema.LogKey]:
+    """The common keys, then every event key once (a key has one type in every event)."""
+    keys = dict(_COMMON)
+    for event in schema.EVENTS.values():
+        for key in event.keys:
+            keys.setdefault(key.name, key)
+    return list(keys.values())
 
 
-class DesyncLine(_Event, tag="collective.desync", frozen=True):
-    event: ClassVar[str] = "collective.desync"
-    comm: str | None = None
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    ranks: dict[str, Position] | None = None
-    mismatched_ranks: list[int] | None = None
-
-
-class TimeoutLine(_Event, tag="collective.timeout", frozen=True):
-    event: ClassVar[str] = "collective.timeout"
-    comm: str | None = None
-    seq: int | None = None
-    op: str | None = None
-    site: str | None = None
-    tag: str | None = None
-    deadline_s: float | None = None
-    arrived: list[int] | None = None
-    missing: list[int] | None = None
-    positions: dict[str, Position] | None = None
-
-
-class DumpLine(_Event, tag="flight_recorder.dump", frozen=True):
-    event: ClassVar[str] = "flight_recorder.dump"
-    comm: str | None = None
-    reason: str | None = None
-    entries: list[RecorderEntry] | None = None
-
-
-class TransitionLine(_Event, tag="session.transition", frozen=True):
-    event: ClassVar[str] = "session.transition"
-    request_id: str | None = None
-    role: str | None = None
-    peer: int | None = None
-    from_state: str | None = None
-    to_state: str | None = None
-    trigger: str | None = None
-    reason: str | None = None
-
-
-class CancelLine(_Event, tag="session.cancel", frozen=True):
-    event: ClassVar[str] = "session.cancel"
-    request_id: str | None = None
-    state: str | None = None
-    result: str | None = None
-    safe_to_free: bool | None = None
-
-
-class HealthLine(_Event, tag="health.change", frozen=True):
-    event: ClassVar[str] = "health.change"
-    healthy: bool | None = None
-    quarantined: int | None = None
-    quarantine_budget: int | None = None
-    seconds_since_progress: float | None = None
-    in_flight: int | None = None
-    reason: str | None = None
-    restart_requested: bool | None = None
-
-
-class DeferredFreeLine(_Event, tag="pool.deferred_free", frozen=True):
-    event: ClassVar[str] = "pool.deferred_free"
-    block_ids: list[int] | None = None
-    owner: str | None = None
-    phase: str | None = None
-
-
-EventLine = (
-    EnterLine
-    | ExitLine
-    | DesyncLine
-    | TimeoutLine
-    | DumpLine
-    | TransitionLine
-    | CancelLine
-    | HealthLine
-    | DeferredFreeLine
+_LogLine = _define("LogLine", _fields(_line_keys()))
+# ``event`` is the tag that picks the per-event struct, so it is not one of their fields.
+_Event = _define(
+    "_Event",
+    _fields(key for key in schema.COMMON_KEYS if key.name != "event"),
+    tag_field="event",
+    forbid_unknown_fields=True,
 )
-# What a RankLog holds: per-event structs where they apply, LogLine for the other lines. Both
-# have the schema's attribute names; an attribute of another event is only on LogLine.
-Line = LogLine | EventLine
+EVENT_STRUCTS: dict[str, type[msgspec.Struct]] = {
+    event.name: _define(
+        _struct_name(event.name) + "Line",
+        _fields(event.keys),
+        bases=(_Event,),
+        tag=event.name,
+        # ... but it is an attribute, as on LogLine.
+        namespace={"event": event.name},
+    )
+    for event in schema.EVENTS.values()
+}
+
+if TYPE_CHECKING:
+    # For the type checker: the common keys are typed; a key of an event or of an object
+    # reads as its value or None.
+
+    class _Decoded(msgspec.Struct):
+        def __getattr__(self, name: str) -> Any: ...
+
+    class LogLine(_Decoded):
+        ts: float
+        rank: int
+        event: str
+        level: str | None
+
+    Line = LogLine
+    Position = _Decoded
+    RecorderEntry = _Decoded
+else:
+    LogLine = _LogLine
+    # What a RankLog holds: per-event structs where they apply, LogLine for the other lines.
+    # Both have the schema's attribute names; an attribute of another event is only on
+    # LogLine.
+    Line = Union[(LogLine, *EVENT_STRUCTS.values())]
+    Position = _OBJECT_STRUCTS[schema.POSITION.name]
+    RecorderEntry = _OBJECT_STRUCTS[schema.RECORDER_ENTRY.name]
 
 _LINE_DECODER = msgspec.json.Decoder(LogLine)
-_EVENT_DECODER = msgspec.json.Decoder(EventLine)
+_EVENT_DECODER = msgspec.json.Decoder(Union[tuple(EVENT_STRUCTS.values())])  # noqa: UP007
 _DecodeErrors = (msgspec.DecodeError, msgspec.ValidationError)
 
 
@@ -294,17 +193,15 @@ class InputNote:
     line: int | None = None
 
 
-LineT = TypeVar("LineT", LogLine, Line)
-
-
 @attrs.frozen
-class RankLog(Generic[LineT]):
-    """The decoded lines of one rank's file, in file order, and what was wrong with it.
-    ``RankLog[LogLine]`` from ``read_rank_log``, ``RankLog[Line]`` from ``read_rank_events``."""
+class RankLog:
+    """The decoded lines of one rank's file, in file order, and what was wrong with it: only
+    ``LogLine`` structs from ``read_rank_log``, per-event structs where they apply from
+    ``read_rank_events``."""
 
     rank: int
     path: str
-    lines: Sequence[LineT]
+    lines: Sequence[Line]
     notes: tuple[InputNote, ...] = ()
 
 
@@ -314,7 +211,7 @@ class LogSet:
     ``notes`` holds the notes of every file, and the files that could not be read."""
 
     log_dir: str
-    ranks: dict[int, RankLog[LogLine]]
+    ranks: dict[int, RankLog]
     notes: tuple[InputNote, ...] = ()
 
     @property
@@ -431,14 +328,14 @@ def _read(
 _RANK = attrgetter("rank")
 
 
-def read_rank_log(path: str | os.PathLike[str], rank: int) -> RankLog[LogLine]:
+def read_rank_log(path: str | os.PathLike[str], rank: int) -> RankLog:
     """Decode one rank file into ``LogLine``s. Raises ``OSError`` if it cannot be read; never
     raises for its content (bad lines become notes)."""
     path_str, lines, notes = _read(path, rank, (_LINE_DECODER,))
-    return RankLog(rank, path_str, cast("list[LogLine]", lines), tuple(notes))
+    return RankLog(rank, path_str, lines, tuple(notes))
 
 
-def read_rank_events(path: str | os.PathLike[str], rank: int) -> RankLog[Line]:
+def read_rank_events(path: str | os.PathLike[str], rank: int) -> RankLog:
     """Decode one rank file as ``read_rank_log`` does - the same lines with the same values,
     the same notes - but into the per-event structs where they apply (faster; see the module
     doc). Each line has ``event`` and the attributes of its event's keys."""
@@ -472,7 +369,7 @@ def load_logs(log_dir: str | os.PathLike[str]) -> LogSet:
     files = rank_files(log_dir)
     if not files:
         raise LogDirError(os.fspath(log_dir), "it holds no rank-<N>.jsonl file")
-    ranks: dict[int, RankLog[LogLine]] = {}
+    ranks: dict[int, RankLog] = {}
     notes: list[InputNote] = []
     for rank in sorted(files):
         path = files[rank]

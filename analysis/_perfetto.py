@@ -1,19 +1,20 @@
-"""``kvhandoff trace LOG_DIR -o trace.json``: a Chrome / Perfetto trace of a run.
+"""A Chrome / Perfetto trace of a run (``kvhandoff trace``), built from its rank logs.
 
 The trace is the Trace Event Format's JSON object form (open it in https://ui.perfetto.dev or
 chrome://tracing):
 
 - one process per rank (``pid`` = rank, named ``rank N``);
 - per rank, one thread per communicator (``collectives <comm>``) holding an ``X`` slice per
-  collective call (from enter/exit lines and flight-recorder entries; a call with no end is
-  drawn up to the rank's last known time, state ``pending``), and one thread per request
-  (``session <id>``) holding an ``X`` slice per session state, the terminal state as an
-  instant; calls that overlap on one communicator (non-blocking forms) go to extra threads
-  ``collectives <comm> (overlap N)`` so slices on a thread always nest;
+  collective call (enter/exit lines and flight-recorder entries merged by ``_merge``, as
+  ``kvhandoff analyze`` merges them; a call with no end is drawn up to the rank's last known
+  time, state ``pending``), and one thread per request (``session <id>``) holding an ``X``
+  slice per session state, the terminal state as an instant; calls that overlap on one
+  communicator (non-blocking forms) go to extra threads ``collectives <comm> (overlap N)`` so
+  slices on a thread always nest;
 - flow arrows (``s`` / ``t`` / ``f``, category ``collective.seq``) joining the slices of the
   same communicator and sequence number across ranks, in the order the ranks entered;
-- thread ``events`` with an instant per desync, timeout, dump, health change, cancel and
-  deferred free.
+- thread ``events`` with an instant per line of every other event of the schema (desync,
+  timeout, dump, health change, cancel, deferred free, the engine's warnings and failures).
 
 Times are microseconds from the earliest line of the run (``otherData.time_origin_s`` holds
 that origin in seconds since the epoch).
@@ -21,16 +22,15 @@ that origin in seconds since the epoch).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvhandoff.engine._logs import LogLine, LogSet
+import numpy as np
+from kvhandoff.analysis import schema
+from kvhandoff.analysis._merge import CallLog, merge_calls
+from kvhandoff.analysis._reader import LogLine, LogSet
 
-EXIT_OK = 0
-EXIT_UNREADABLE = 2
+__all__ = ["build_trace", "write_trace"]
 
 EVENTS_TID = 0
 COLLECTIVE_CAT = "collective"
@@ -38,42 +38,12 @@ SESSION_CAT = "session"
 FLOW_CAT = "collective.seq"
 # Slices shorter than this are widened to it, so that a flow arrow has something to bind to.
 MIN_SLICE_US = 1.0
-_INSTANT_EVENTS = frozenset(
-    {
-        "collective.desync",
-        "collective.timeout",
-        "flight_recorder.dump",
-        "health.change",
-        "session.cancel",
-        "pool.deferred_free",
-    }
-)
-_TERMINAL_STATES = frozenset({"COMPLETE", "FAILED", "CANCELLED"})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``kvhandoff trace``."""
-    parser.add_argument("log_dir", metavar="LOG_DIR", help="directory of rank-<N>.jsonl files")
-    parser.add_argument(
-        "-o", "--output", default="trace.json", help="trace file to write (default trace.json)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the trace of ``args.log_dir`` to ``args.output``; 0 on success, 2 when the logs
-    cannot be read."""
-    from kvhandoff.engine._logs import LogDirError, load_logs
-
-    try:
-        logs = load_logs(args.log_dir)
-    except LogDirError as exc:
-        print(f"kvhandoff trace: {exc}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    count = write_trace(logs, args.output)
-    for note in logs.notes:
-        print(f"kvhandoff trace: note: rank {note.rank}: {note.detail}", file=sys.stderr)
-    print(f"wrote {count} trace events for ranks {sorted(logs.ranks)} to {args.output}")
-    return EXIT_OK
+# Every event but the ones drawn as slices is an instant: a new event shows up on its own.
+_INSTANT_EVENTS = frozenset(schema.EVENTS) - {
+    "collective.enter",
+    "collective.exit",
+    "session.transition",
+}
 
 
 def write_trace(logs: LogSet, path: str | os.PathLike[str]) -> int:
@@ -86,51 +56,16 @@ def write_trace(logs: LogSet, path: str | os.PathLike[str]) -> int:
     return len(trace["traceEvents"])
 
 
-class _Call:
-    """One collective call on one rank, merged from every source that mentions it."""
-
-    __slots__ = ("end", "op", "site", "start", "state", "summary", "tag")
-
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self.end: float | None = None
-        self.op: str | None = None
-        self.site: str | None = None
-        self.tag: str | None = None
-        self.state: str | None = None
-        self.summary: str | None = None
-
-
-def _calls_of(lines: list[LogLine]) -> dict[str, dict[int, _Call]]:
-    """comm -> seq -> call; enter/exit lines win over recorder entries where both exist."""
-    calls: dict[str, dict[int, _Call]] = {}
+def _calls_of(lines: list[LogLine]) -> dict[str, CallLog]:
+    """comm -> the rank's calls on it, merged as ``kvhandoff analyze`` merges them."""
+    by_event: dict[str, list[LogLine]] = {}
     for line in lines:
-        event = line.event
-        if event == "flight_recorder.dump":
-            by_seq = calls.setdefault(line.comm or "", {})
-            for entry in line.entries or ():
-                call = by_seq.get(entry.seq) or by_seq.setdefault(entry.seq, _Call())
-                call.start = call.start if call.start is not None else entry.start
-                call.end = call.end if call.end is not None else entry.end
-                call.op = call.op or entry.op
-                call.site = call.site or entry.site
-                call.tag = call.tag or entry.tag
-                call.summary = call.summary or entry.summary
-                if call.state is None or call.state == "pending":
-                    call.state = entry.state
-        elif event == "collective.enter" and line.seq is not None:
-            call = calls.setdefault(line.comm or "", {}).setdefault(line.seq, _Call())
-            call.start, call.op, call.site, call.tag = line.ts, line.op, line.site, line.tag
-            call.summary = line.summary
-        elif event == "collective.exit" and line.seq is not None:
-            call = calls.setdefault(line.comm or "", {}).setdefault(line.seq, _Call())
-            call.end, call.state = line.ts, line.state or "completed"
-            if call.start is None and line.duration_s is not None:
-                call.start = line.ts - line.duration_s
-            call.op = call.op or line.op
-            call.site = call.site or line.site
-            call.tag = call.tag or line.tag
-    return calls
+        by_event.setdefault(line.event, []).append(line)
+    return merge_calls(
+        by_event.get("collective.enter", []),
+        by_event.get("collective.exit", []),
+        by_event.get("flight_recorder.dump", []),
+    )
 
 
 def build_trace(logs: LogSet) -> dict[str, Any]:
@@ -143,11 +78,10 @@ def build_trace(logs: LogSet) -> dict[str, Any]:
     # calls that started before the rank's first line).
     starts = [log.lines[0].ts for log in logs.ranks.values() if log.lines]
     starts.extend(
-        call.start
+        float(np.nanmin(log.start))
         for calls in calls_by_rank.values()
-        for by_seq in calls.values()
-        for call in by_seq.values()
-        if call.start is not None
+        for log in calls.values()
+        if not np.isnan(log.start).all()
     )
     origin = min(starts) if starts else 0.0
 
@@ -165,15 +99,19 @@ def build_trace(logs: LogSet) -> dict[str, Any]:
         events.append(_meta("thread_name", rank, EVENTS_TID, {"name": "events"}))
         next_tid = EVENTS_TID + 1
 
-        for comm, by_seq in sorted(calls_by_rank[rank].items()):
+        for comm, log in sorted(calls_by_rank[rank].items()):
             lane_ends: list[float] = []  # per lane, the end of its last slice
             lane_tids: list[int] = []
-            for seq in sorted(by_seq):
-                call = by_seq[seq]
-                start = call.start if call.start is not None else call.end
-                if start is None:
-                    continue  # a recorder entry with no time at all cannot be placed
-                end = call.end if call.end is not None else max(last_ts, start)
+            for row in range(len(log.seqs)):
+                seq = int(log.seqs[row])
+                op, site, tag = log.calls[int(log.call[row])]
+                start, end = float(log.start[row]), float(log.end[row])
+                if np.isnan(start):
+                    start = end
+                if np.isnan(start):
+                    continue  # a call with no time at all cannot be placed
+                if np.isnan(end):
+                    end = max(last_ts, start)
                 begin_us = us(start)
                 dur_us = max(us(end) - begin_us, MIN_SLICE_US)
                 lane = next((i for i, free in enumerate(lane_ends) if free <= begin_us), None)
@@ -191,7 +129,7 @@ def build_trace(logs: LogSet) -> dict[str, Any]:
                 tid = lane_tids[lane]
                 events.append(
                     {
-                        "name": f"{call.op} #{seq}",
+                        "name": f"{op} #{seq}",
                         "cat": COLLECTIVE_CAT,
                         "ph": "X",
                         "pid": rank,
@@ -201,11 +139,11 @@ def build_trace(logs: LogSet) -> dict[str, Any]:
                         "args": {
                             "comm": comm,
                             "seq": seq,
-                            "op": call.op,
-                            "site": call.site,
-                            "tag": call.tag,
-                            "state": call.state or "pending",
-                            "summary": call.summary,
+                            "op": op,
+                            "site": site,
+                            "tag": tag,
+                            "state": log.states[int(log.state[row])],
+                            "summary": log.summaries[int(log.summary[row])],
                         },
                     }
                 )
@@ -232,7 +170,7 @@ def build_trace(logs: LogSet) -> dict[str, Any]:
                     "peer": line.peer,
                     "reason": line.reason,
                 }
-                if following is None and state in _TERMINAL_STATES:
+                if following is None and state in schema.TERMINAL_SESSION_STATES:
                     events.append(
                         {
                             "name": state,

@@ -1,28 +1,39 @@
-# Quick start targets (see README). Each one sets up .venv idempotently, then runs.
+# Quick start targets (see README). Each one sets up .venv once, reinstalls the project only
+# when pyproject.toml changed (stamp files in .venv), then runs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # On CPU machines this exact torch is on disk; other versions download several GB.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+STAMP := $(VENV)/.kvhandoff
 
 .PHONY: venv demo test lint clean
 
-venv:
+$(STAMP)-venv:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy
+	touch $@
 
-demo: venv
+venv: $(STAMP)-venv
+
+$(STAMP)-demo: pyproject.toml $(STAMP)-venv
 	$(PY) -m pip install -q -e '.[mpi]'
+	touch $@
+
+$(STAMP)-test: pyproject.toml $(STAMP)-venv
+	$(PY) -m pip install -q -e '.[mpi,test,dev]'
+	touch $@ $(STAMP)-demo
+
+demo: $(STAMP)-demo
 	$(VENV)/bin/kvhandoff demo
 
-test: venv
-	$(PY) -m pip install -q -e '.[mpi,test,dev]'
+test: $(STAMP)-test
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
-lint: venv
-	$(VENV)/bin/ruff check sessions collectives cuda_ext engine tests benchmarks
-	$(VENV)/bin/mypy sessions collectives cuda_ext engine
+lint: $(STAMP)-test
+	$(VENV)/bin/ruff check sessions collectives cuda_ext engine analysis demo cli tests benchmarks
+	$(VENV)/bin/mypy sessions collectives cuda_ext engine analysis demo cli
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _run_with_timeout, find_mpiexec
-from kvhandoff.engine import _demo
+from kvhandoff.demo import _backends, _host, _plan, _report, command
 
 EXE = Path(sys.executable).parent / "kvhandoff"
 SMALL = ("--layers", "4", "--blocks", "64", "--max-tokens", "512", "--no-progress")
@@ -42,7 +42,7 @@ def _assert_books_clean(out: str) -> None:
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    _demo.add_arguments(parser)
+    command.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -123,36 +123,36 @@ def test_demo_mpi_backend_needs_exactly_four_ranks() -> None:
 ])
 def test_demo_bad_options_exit_2_with_the_option_named(
         argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _demo.run(_args(*argv)) == 2
+    assert command.run(_args(*argv)) == 2
     assert message in capsys.readouterr().err
 
 
 def test_demo_plan_is_deterministic_from_the_seed() -> None:
-    plan = _demo.make_plan(_args("--requests", "40", "--seed", "7"))
-    assert plan == _demo.make_plan(_args("--requests", "40", "--seed", "7"))
-    assert plan != _demo.make_plan(_args("--requests", "40", "--seed", "8"))
+    plan = _plan.make_plan(_args("--requests", "40", "--seed", "7"))
+    assert plan == _plan.make_plan(_args("--requests", "40", "--seed", "7"))
+    assert plan != _plan.make_plan(_args("--requests", "40", "--seed", "8"))
     assert all(128 <= r.tokens <= 2048 and r.blocks == -(-r.tokens // 16)
                for r in plan.requests)
     assert [r.index for r in plan.requests if r.layerwise] == list(range(3, 40, 4))
     assert plan.kv_heads == 4 and plan.tensor_block_nbytes == 16 * 1024  # the TP shard
 
 
-def _summary(rank: int, **changes: object) -> _demo.RankSummary:
+def _summary(rank: int, **changes: object) -> _host.RankSummary:
     fields: dict[str, object] = dict(
-        rank=rank, role="prefill" if rank < 2 else "decode", outcomes={0: _demo.OK},
+        rank=rank, role="prefill" if rank < 2 else "decode", outcomes={0: _host.OK},
         latencies=(0.01,) if rank >= 2 else (), bytes_verified=1 << 20, mismatched_blocks=0,
         healthy=True, health_reason=None, restart_requested=False, quarantines=0,
         leaked_blocks=0, early_freed_blocks=0, pool_problems=(), drain_left=0,
         faults_injected={})
     fields.update(changes)
-    return _demo.RankSummary(**fields)  # type: ignore[arg-type]
+    return _host.RankSummary(**fields)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("changes", "faults", "code"), [
     ({}, False, 0),
     ({"leaked_blocks": 3}, True, 1),
     ({"early_freed_blocks": 1}, True, 1),
-    ({"mismatched_blocks": 2, "outcomes": {0: _demo.CORRUPT}}, True, 1),
+    ({"mismatched_blocks": 2, "outcomes": {0: _host.CORRUPT}}, True, 1),
     ({"pool_problems": ("block 4 is in 2 books",)}, True, 1),
     ({"drain_left": 1}, True, 1),
     ({"outcomes": {0: "transfer_timeout"}}, False, 1),  # without faults every request counts
@@ -160,10 +160,10 @@ def _summary(rank: int, **changes: object) -> _demo.RankSummary:
 ])
 def test_demo_report_exit_code_follows_the_books(changes: dict[str, object], faults: bool,
                                                   code: int) -> None:
-    plan = _demo.make_plan(_args("--requests", "1", *(("--faults",) if faults else ())))
+    plan = _plan.make_plan(_args("--requests", "1", *(("--faults",) if faults else ())))
     summaries = [_summary(r, **(changes if r == 2 else {})) for r in range(4)]
     out = io.StringIO()
-    assert _demo.report(plan, summaries, 1.0, out) == code
+    assert _report.report(plan, summaries, 1.0, out) == code
     text = out.getvalue()
     assert ("OK: no block leaked" in text) == (code == 0)
     if "outcomes" in changes:
@@ -174,12 +174,12 @@ def test_demo_rank_stops_and_counts_blocks_written_after_their_free() -> None:
     import anyio
     import torch
 
-    plan = _demo.make_plan(_args("--requests", "3", *SMALL[:-1]))
-    pool = _demo._make_pool(plan)
+    plan = _plan.make_plan(_args("--requests", "3", *SMALL[:-1]))
+    pool = _backends.make_pool(plan)
     taken = pool.alloc(pool.num_blocks, owner="earlier")
     pool.free(taken, owner="earlier")  # the free list is FIFO: taken[0] is handed out next
     pool.layers[0][taken[0]] = torch.zeros_like(pool.layers[0][taken[0]])  # a late write
-    rank = _demo._Rank(plan, 2, pool, None, lambda index: None)  # type: ignore[arg-type]
+    rank = _host.RankHost(plan, 2, pool, None, lambda index: None)  # type: ignore[arg-type]
     anyio.run(rank.run)
-    assert rank.outcomes == {0: _demo.POISONED}
+    assert rank.outcomes == {0: _host.POISONED}
     assert rank.early_freed == {taken[0]}

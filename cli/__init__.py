@@ -1,6 +1,8 @@
-"""The ``kvhandoff`` command line.
+"""The ``kvhandoff`` command line (``kvhandoff`` or ``python -m kvhandoff.cli``).
 
-Each subcommand lives in its own private module exposing ``add_arguments(parser)`` and
+The command line sits above the runtime: it imports the demo (``kvhandoff.demo``) and the
+offline log tools (``kvhandoff.analysis``), and nothing of the runtime imports it. Each
+subcommand lives in its own private module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules keep heavy imports (torch, mpi4py) inside ``run`` so that
 ``kvhandoff --version`` and ``--help`` stay fast.
 """
@@ -9,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 # (name, module, one-line help). Order is the order shown in --help.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("demo", "kvhandoff.engine._demo", "run a simulated disaggregated serving job"),
-    ("analyze", "kvhandoff.engine._analyze", "say what went wrong in a run, from its rank logs"),
-    ("trace", "kvhandoff.engine._trace", "write a Chrome/Perfetto trace of a run's rank logs"),
+    ("demo", "kvhandoff.demo.command", "run a simulated disaggregated serving job"),
+    ("analyze", "kvhandoff.analysis.analyze_command",
+     "say what went wrong in a run, from its rank logs"),
+    ("trace", "kvhandoff.analysis.trace_command",
+     "write a Chrome/Perfetto trace of a run's rank logs"),
 )
 
 
@@ -50,7 +53,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args._run(args))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

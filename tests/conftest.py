@@ -14,6 +14,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 MPI_SCRIPTS = TESTS_DIR / "mpi_scripts"
+TORCH_SCRIPTS = TESTS_DIR / "torch_scripts"
 
 
 def find_mpiexec() -> str | None:
@@ -88,5 +89,28 @@ def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
         if env:
             full_env.update(env)
         return _run_with_timeout([sys.executable, *args], timeout, full_env)
+
+    return run
+
+
+RunTorch = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_torch(run_python: Callable[..., subprocess.CompletedProcess[str]]) -> RunTorch:
+    """``run_torch("script.py", *args, timeout=60, check=True)`` runs a torch.distributed
+    launcher from tests/torch_scripts (the scripts start their own ranks through
+    _harness.py: a failing rank reports once and the others are terminated), with the
+    process group killed at the timeout. Subfolders of tests/ need not know where the
+    scripts live."""
+    pytest.importorskip("torch.distributed")
+
+    def run(script: str, *args: str, timeout: float = 60.0, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [str(TORCH_SCRIPTS / script), *args]
+        result = run_python(cmd, timeout=timeout, env=env)
+        if check and result.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {result.returncode}; output:\n{result.stdout}")
+        return result
 
     return run

@@ -1,19 +1,15 @@
-"""TransferEngine over TorchDistTransport (gloo): ``python engine_torch_gloo.py`` spawns two
-ranks on a free local port; rank 0 sends plain and layer-wise transfers to rank 1, which
-checks every byte. A failing rank makes ``torch.multiprocessing.spawn`` terminate the other
-and exit non-zero. Prints ``rank R engine torch OK`` per rank."""
+"""TransferEngine over TorchDistTransport (gloo): ``python engine_torch_gloo.py`` starts two
+ranks (see _harness.py); rank 0 sends plain and layer-wise transfers to rank 1, which checks
+every byte. A failing rank ends the job with a non-zero exit. Prints
+``rank R engine torch OK`` per rank."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
-from datetime import timedelta
 
 import anyio
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _harness import torch_main
 
 REQUESTS = 8
 BLOCKS = 2
@@ -68,22 +64,10 @@ async def run_rank(rank: int) -> None:
     transport.close()
 
 
-def worker(rank: int, world: int, store_path: str) -> None:
-    # A file rendezvous, not a TCP port picked in advance: a port chosen free can be taken
-    # by another job before rank 0 binds it.
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+def rank_main(rank: int, world: int) -> None:
     anyio.run(run_rank, rank)
-    dist.barrier()
-    dist.destroy_process_group()
     print(f"rank {rank} engine torch OK", flush=True)
 
 
-def rendezvous_file() -> str:
-    """A fresh path for the file rendezvous (it must not exist yet)."""
-    folder = tempfile.mkdtemp(prefix="kvhandoff-gloo-")
-    return os.path.join(folder, "rendezvous")
-
-
 if __name__ == "__main__":
-    mp.spawn(worker, args=(2, rendezvous_file()), nprocs=2, join=True)
+    torch_main(rank_main, 2)

@@ -1,20 +1,17 @@
-"""TorchDistTransport over gloo: ``python transport_torch_gloo.py WORLD`` spawns WORLD ranks
-on a free local port. Each rank moves concurrent tagged transfers around a ring and checks
+"""TorchDistTransport over gloo: ``python transport_torch_gloo.py WORLD`` starts WORLD ranks
+(see _harness.py). Each rank moves concurrent tagged transfers around a ring and checks
 them byte for byte, exchanges control messages with every peer, and checks the transport's
 contract (completions reported once, no cancel, closed transport refuses work). A failing
-rank makes ``torch.multiprocessing.spawn`` terminate the others and exit non-zero."""
+rank ends the job with a non-zero exit."""
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _harness import torch_main
 
 DEADLINE_S = 60.0
 
@@ -37,7 +34,7 @@ def drain(transport, handles):
     return seen
 
 
-def worker(rank: int, world: int, store_path: str) -> None:
+def rank_main(rank: int, world: int) -> None:
     from kvhandoff.engine._wire import Accept, Heartbeat, decode, encode
     from kvhandoff.engine.transports import (
         HandleState,
@@ -46,10 +43,6 @@ def worker(rank: int, world: int, store_path: str) -> None:
         TransportClosedError,
     )
 
-    # A file rendezvous, not a TCP port picked in advance: a port chosen free can be taken
-    # by another job before rank 0 binds it.
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
     t = TorchDistTransport()
     assert (t.rank, t.world_size, t.backend) == (rank, world, "gloo")
     assert not t.cancellable and t.cancellable_kinds == frozenset()
@@ -103,17 +96,8 @@ def worker(rank: int, world: int, store_path: str) -> None:
         pass
     else:
         raise AssertionError("post after close must raise")
-    dist.barrier()
-    dist.destroy_process_group()
     print(f"rank {rank}/{world} torch transport OK", flush=True)
 
 
-def rendezvous_file() -> str:
-    """A fresh path for the file rendezvous (it must not exist yet)."""
-    folder = tempfile.mkdtemp(prefix="kvhandoff-gloo-")
-    return os.path.join(folder, "rendezvous")
-
-
 if __name__ == "__main__":
-    world_size = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    mp.spawn(worker, args=(world_size, rendezvous_file()), nprocs=world_size, join=True)
+    torch_main(rank_main, int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -74,8 +74,25 @@ GUARDED = [
 ]
 
 
-def test_table_guarded_pairs_are_exactly_the_precondition_pairs() -> None:
+def test_table_guarded_pairs_are_the_legal_pairs_a_fresh_session_refuses() -> None:
+    # Checks this file's lists against the real table and TransferSession: a pair is guarded
+    # when TRANSITIONS allows it yet a session built in that state (pending handle, no
+    # cancel requested) refuses it, leaving the session unchanged.
+    refused = set()
+    for state, event in LEGAL:
+        session = build(state)
+        data, history = session.data, session.history
+        try:
+            session.apply(event, LATE, **arguments(event))  # type: ignore[arg-type]
+        except TransitionError as error:
+            assert error.detail, (state, event)  # a guard says why; a table miss does not
+            assert session.data is data and session.history == history
+            refused.add((state, event))
+    assert refused == set(GUARDED)
     assert set(GUARDED) == NEEDS_LOCAL_FINAL | STATE_TRIGGERED
+    assert set(GUARDED) <= set(LEGAL)
+    # The state-triggered pairs are exactly the table's QUIESCED entries.
+    assert {(s, e) for s, e in LEGAL if e is Event.QUIESCED} == STATE_TRIGGERED
 
 
 def test_table_has_a_row_for_every_state_and_terminal_rows_are_empty() -> None:

@@ -18,6 +18,7 @@ import kvhandoff.collectives as coll
 import numpy as np
 import pytest
 import torch
+from kvhandoff.analysis import schema
 from kvhandoff.collectives import (
     CheckedComm,
     CollectiveAbortedError,
@@ -35,17 +36,6 @@ from kvhandoff.collectives import (
 )
 
 THIS_FILE = Path(__file__).resolve()
-SCHEMA_COMMON = {"ts", "rank", "event", "level"}
-SCHEMA_KEYS = {
-    "collective.enter": {"comm", "seq", "op", "site", "tag", "root", "reduce_op", "summary"},
-    "collective.exit": {"comm", "seq", "op", "site", "tag", "duration_s", "state"},
-    "collective.desync": {"comm", "seq", "op", "site", "tag", "ranks", "mismatched_ranks"},
-    "collective.timeout": {"comm", "seq", "op", "site", "tag", "deadline_s", "arrived",
-                           "missing", "positions"},
-    "flight_recorder.dump": {"comm", "reason", "entries"},
-}
-
-
 def line_of(marker: str) -> int:
     """Line number of the line in this file that carries ``# site: <marker>``."""
     for number, line in enumerate(THIS_FILE.read_text().splitlines(), start=1):
@@ -490,7 +480,9 @@ def test_call_site_is_the_first_frame_outside_collectives() -> None:
 
 
 def assert_schema(line: dict[str, Any]) -> None:
-    assert set(line) == SCHEMA_COMMON | SCHEMA_KEYS[line["event"]], line
+    # The one schema (kvhandoff.analysis.schema) says which keys each event carries.
+    assert schema.check_line(line) == [], line
+    assert set(line) == set(schema.event_keys(line["event"])), line
     assert list(line)[:4] == ["ts", "rank", "event", "level"]
     assert isinstance(line["ts"], float) and line["level"] in ("debug", "info", "warning",
                                                                "error")

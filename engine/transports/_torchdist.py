@@ -15,7 +15,11 @@ Two facts about torch.distributed shape this module:
 
 Control messages are fixed-size ``uint8`` frames, ``[u32 length][payload][zero padding]``,
 with one receive always posted per peer, so no size negotiation is needed. ``close()`` sends
-each peer a goodbye frame that completes the receive the peer keeps posted for this rank.
+each peer a goodbye frame that completes the receive the peer keeps posted for this rank,
+then waits (bounded) for every peer's goodbye, discarding whatever the peer sent before it:
+a gloo operation still waiting in a thread when the process exits aborts the process
+("terminate called without an active exception"), and a peer's last messages would
+otherwise leave its goodbye unmatched.
 
 Nothing in torch.distributed cancels a posted point-to-point operation:
 ``cancellable_kinds`` is empty and ``cancel()`` always returns ``False``.
@@ -49,6 +53,8 @@ FRAME_BYTES = _LENGTH.size + MAX_CONTROL_BYTES
 _GOODBYE = 0xFFFFFFFF
 # After a control receive fails (an idle timeout, a peer gone), repost it at most this often.
 _CONTROL_RETRY_S = 1.0
+#: How long ``close()`` waits for the peers' goodbyes and for its own goodbyes to be taken.
+CLOSE_TIMEOUT_S = 10.0
 
 
 def _wait_outcome(work: Any) -> str | None:
@@ -122,6 +128,8 @@ class TorchDistTransport(Transport):
         self._control_frames: dict[int, torch.Tensor] = {}
         self._control_retry_at: dict[int, float] = {}
         self._departed: set[int] = set()  # peers that sent a goodbye frame
+        self._control_sends: list[threading.Thread] = []  # pruned as they finish
+        self._control_recvs: dict[int, threading.Thread] = {}  # the latest receive per peer
         for peer in range(self.world_size):
             if peer != self.rank:
                 self._post_control_recv(peer)
@@ -188,10 +196,12 @@ class TorchDistTransport(Transport):
         work = self._dist.irecv(frame, src=self._global_ranks[peer], group=self._control_group,
                                 tag=CONTROL_TAG)
         self._control_frames[peer] = frame
-        threading.Thread(
-            target=self._wait_control, args=(peer, work), name="kvhandoff-gloo-control",
-            daemon=True,
-        ).start()
+        thread = threading.Thread(
+            target=self._wait_control, args=(peer, work),
+            name=f"kvhandoff-gloo-control-recv-{peer}", daemon=True,
+        )
+        thread.start()
+        self._control_recvs[peer] = thread
 
     def _wait_control(self, peer: int, work: Any) -> None:
         self._control_arrivals.put((peer, _wait_outcome(work)))
@@ -211,12 +221,15 @@ class TorchDistTransport(Transport):
             frame[_LENGTH.size: _LENGTH.size + len(data)] = torch.frombuffer(
                 bytearray(data), dtype=torch.uint8
             )
+        self._control_sends = [t for t in self._control_sends if t.is_alive()]
         work = self._dist.isend(frame, dst=self._global_ranks[peer], group=self._control_group,
                                 tag=CONTROL_TAG)
         # The thread keeps the frame referenced until gloo is done with it; a failed control
         # send is not reported: lost control messages surface as a lapsed peer lease.
-        threading.Thread(target=_wait_outcome, args=(work,), name="kvhandoff-gloo-control",
-                         daemon=True).start()
+        thread = threading.Thread(target=_wait_outcome, args=(work,),
+                                  name=f"kvhandoff-gloo-control-send-{peer}", daemon=True)
+        thread.start()
+        self._control_sends.append(thread)
 
     def recv_control(self) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -247,13 +260,42 @@ class TorchDistTransport(Transport):
         return out
 
     def close(self) -> None:
-        """Refuse new operations and say goodbye to every peer (which completes the control
-        receive each peer keeps posted for this rank). Posted data operations cannot be
-        cancelled in torch.distributed: they stay pending until their peers match them. This
-        rank's own control receives complete when each peer closes; close every rank's
-        transport before destroying the process groups."""
+        """Refuse new operations and say goodbye to every peer, also one that closed first
+        (the goodbye completes the control receive each peer keeps posted for this rank).
+        Posted data operations cannot be cancelled in torch.distributed: they stay pending
+        until their peers match them. This
+        rank's own control receives complete when each peer closes: ``close()`` waits for
+        that, at most ``CLOSE_TIMEOUT_S`` (a peer that never closes costs the whole bound),
+        discarding the control messages that arrive meanwhile. Close every rank's transport
+        before destroying the process groups."""
         if not self._begin_close():
             return
+        # Every peer, departed or not, keeps one control receive posted for this rank until
+        # our goodbye arrives: skipping a peer that closed first would leave its last receive
+        # pending into its process exit.
         for peer in range(self.world_size):
-            if peer != self.rank and peer not in self._departed:
+            if peer != self.rank:
                 self._send_frame(peer, _GOODBYE, b"")
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        waiting = set(range(self.world_size)) - {self.rank} - self._departed
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                peer, error = self._control_arrivals.get(timeout=left)
+            except queue.Empty:
+                break
+            if error is not None:
+                continue  # that receive ended without a frame: the peer is gone or timed out
+            frame = self._control_frames[peer]
+            (length,) = _LENGTH.unpack(frame[: _LENGTH.size].numpy().tobytes())
+            if length == _GOODBYE:
+                self._departed.add(peer)
+                waiting.discard(peer)
+            else:  # a last message from a peer still running: drop it, wait for its goodbye
+                self._post_control_recv(peer)
+        # Our goodbyes (taken by the peers' receives) and the receives that got theirs: no
+        # thread may still be inside gloo when the process exits.
+        for thread in [*self._control_sends, *self._control_recvs.values()]:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -44,7 +44,7 @@ def drive(table: SessionTable, rid: str, state: State, now: float = 1.0) -> None
         table.apply(rid, Event.COMPLETED, now)
 
 
-# the cancel table of docs/design.md, written out case by case: (state, healthy, cancellable) -> result.
+# The cancel table of docs/design.md, case by case: (state, healthy, cancellable) -> result.
 _R = CancelResult
 EXPECTED_CANCEL: dict[tuple[State | None, bool, bool], CancelResult] = {}
 for _healthy, _cancellable in itertools.product((True, False), repeat=2):

@@ -4,9 +4,9 @@ Random admissions, advertises, posts, ready / failed handles, peer aborts, expir
 moving on), cancels, host frees and releases, with a "transport" that writes into receiver
 blocks while their handle is pending. Invariants after every step: the pool's books hold, no
 block of a live session is on the free list, nothing wrote a freed block, the table's counts
-and per-state data are consistent; cancel results match the cancel table of docs/design.md; health flips
-exactly when the policy says. At the end every session is driven to a terminal state and
-released: nothing may leak.
+and per-state data are consistent; cancel results match the cancel table of docs/design.md;
+health flips exactly when the policy says. At the end every session is driven to a terminal
+state and released: nothing may leak.
 """
 
 from __future__ import annotations

@@ -70,19 +70,15 @@ class Agreement:
     def __init__(self, size: int, grace_s: float) -> None:
         if size < 1:
             raise ValueError(f"a TP group has at least one rank, not {size}")
-        self._size = size
         self._grace_s = grace_s
         self._outbox: list[Report] = []
         self._reported: dict[str, int] = {}  # request id -> bits of the codes reported
         self._groups: dict[str, _Group] = {}
         self._unsettled: collections.deque[tuple[float, str]] = collections.deque()
         self.broken: str | None = None
-
-    @property
-    def size(self) -> int:
-        """Ranks whose word counts: the group's size, or 1 once the group is broken (each
-        rank then decides alone)."""
-        return 1 if self.broken is not None else self._size
+        #: Ranks whose word counts: the group's size, or 1 once the group is broken (each
+        #: rank then decides alone).
+        self.size = size
 
     # --- this rank's reports ---------------------------------------------------------------
 
@@ -121,11 +117,12 @@ class Agreement:
         """Take what ``tp_rank`` reported; return the request ids concerned, in order (each
         may now be decided: ask ``failure``, ``all_ok``, ``all_quiescent``)."""
         touched: list[str] = []
+        grouped = self.size > 1
         for request_id, code, reason, detail in reports:
             group = self._groups.get(request_id)
             if group is None:
                 group = self._groups[request_id] = _Group(first_seen=now)
-                if self.size > 1:
+                if grouped:
                     self._unsettled.append((now, request_id))
             if code == OK:
                 group.ok.add(tp_rank)
@@ -137,6 +134,14 @@ class Agreement:
                 group.quiescent.add(tp_rank)
             touched.append(request_id)
         return touched
+
+    def verdict(self, request_id: str) -> tuple[GroupFailure | None, bool, bool]:
+        """``(failure, all ok, all quiescent)`` for a request, in one lookup."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return None, False, False
+        size = self.size
+        return group.failure, len(group.ok) >= size, len(group.quiescent) >= size
 
     def failure(self, request_id: str) -> GroupFailure | None:
         group = self._groups.get(request_id)
@@ -190,6 +195,7 @@ class Agreement:
         """The group can no longer agree (desync, timeout, closed): forget what it said; from
         now on this rank decides alone (``size`` is 1)."""
         self.broken = error
+        self.size = 1
         self._groups.clear()
         self._unsettled.clear()
 

@@ -155,11 +155,12 @@ class DataPath:
         transfer.ops[chunk] = op
         transfer.posted += 1
         transfer.ops_pending += 1
-        session = transfer.session
-        if session.allows(Event.ADVERTISE):
-            self._engine._apply(transfer, Event.ADVERTISE, now)
-        if session.allows(Event.POSTED):
-            self._engine._apply(transfer, Event.POSTED, now, handle=transfer)
+        if transfer.posted == 1:  # only the first operation moves the session
+            session = transfer.session
+            if session.allows(Event.ADVERTISE):
+                self._engine._apply(transfer, Event.ADVERTISE, now)
+            if session.allows(Event.POSTED):
+                self._engine._apply(transfer, Event.POSTED, now, handle=transfer)
         return True
 
     def local_error(self, transfer: Transfer, reason: FailureReason, detail: str,

@@ -51,6 +51,7 @@ from kvhandoff.engine.pool import BlockPool
 from kvhandoff.engine.transports import HandleKind, Transport
 from kvhandoff.sessions import (
     OPEN_STATES,
+    TERMINAL_STATES,
     CancelResult,
     DuplicateSessionError,
     Event,
@@ -113,6 +114,9 @@ class TransferEngine:
             pool.num_layers, pool.block_shape, pool.dtype, extra=tuple(layout_extra))
         self._clock = clock
         self._log = rank_logger(self.rank)
+        # Asked again at every tick and public call: ``configure_logging()`` may come after
+        # the engine exists (an attribute, not a call, on the hot path).
+        self._log_on = logging_enabled()
         self._table = SessionTable()
         self._transfers: dict[str, Transfer] = {}
         now = clock()
@@ -132,11 +136,8 @@ class TransferEngine:
         self._stopped = False
         self._wake: anyio.Event | None = None
         self._task_group: Any = None
+        self._on_layer_ready = self._layer_ready  # one bound method for every handle
 
-    @property
-    def _log_on(self) -> bool:
-        # Asked each time: ``configure_logging()`` may be called after the engine exists.
-        return logging_enabled()
 
     # --- context manager ------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class TransferEngine:
         ``layerwise=True`` each layer moves as soon as ``handle.layer_ready(i)`` was called
         and the receiver has advertised. Bad arguments raise before anything changes; a
         transfer that fails at once returns a handle whose ``wait()`` raises."""
+        self._log_on = logging_enabled()
         transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise)
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
@@ -205,11 +207,13 @@ class TransferEngine:
         advertised at once. ``layerwise`` must match the sender's (``layout_mismatch``
         otherwise). Raises ``DataTagsExhaustedError`` before anything changes when the
         transport has no free data tags left for it."""
+        self._log_on = logging_enabled()
         chunks = self.pool.num_layers if layerwise else 1
         self._check_admissible(request_id, peer)
         first_tag = self._datapath.reserve_tags(request_id, chunks)
         try:
-            transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise)
+            transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise,
+                                   checked=True)
         except BaseException:
             self._datapath.free_tags(first_tag, chunks)
             raise
@@ -231,6 +235,7 @@ class TransferEngine:
         """Cancel a transfer. ``result.safe_to_free`` says whether the host may free the
         blocks now; otherwise cancel was asked of the transport and the peer, ``wait()``
         raises ``TransferCancelled`` at once, and the blocks stay pinned until quiescent."""
+        self._log_on = logging_enabled()
         now = self._clock()
         transfer = self._transfers.get(request_id)
         session = self._table.find(request_id)
@@ -352,9 +357,11 @@ class TransferEngine:
                                     f"a rank in 0..{world - 1} other than this rank ({me})")
 
     def _admit(self, request_id: str, block_ids: Iterable[int], peer: int, role: Role,
-               layerwise: bool) -> Transfer:
-        """Validate, pin, admit: every failure leaves the pool and the table as they were."""
-        self._check_admissible(request_id, peer)
+               layerwise: bool, *, checked: bool = False) -> Transfer:
+        """Validate (``checked``: the id and peer were already), pin, admit: every failure
+        leaves the pool and the table as they were."""
+        if not checked:
+            self._check_admissible(request_id, peer)
         try:
             ids = check_block_ids(block_ids)  # the one validation of the ids
         except InvalidArgumentError as exc:
@@ -374,7 +381,7 @@ class TransferEngine:
         transfer = Transfer(session=session, layerwise=bool(layerwise), num_chunks=chunks,
                             chunk_nbytes=self.pool.block_nbytes * len(ids) // chunks,
                             expected=chunks)
-        transfer.handle = TransferHandle(transfer, self._layer_ready)
+        transfer.handle = TransferHandle(transfer, self._on_layer_ready)
         self._transfers[request_id] = transfer
         self._leases.opened(peer, request_id)
         if self._log_on:  # ``history`` is a copy: make it only to log it
@@ -400,20 +407,25 @@ class TransferEngine:
         (to the host, the TP group and the peer), wind down, and report quiescence."""
         if not made:
             return
-        self._log_transitions(transfer, made)
+        if self._log_on:
+            self._log_transitions(transfer, made)
         session = transfer.session
-        state = session.state
-        if any(t.to_state is State.QUARANTINED for t in made):
+        state = made[-1].to_state
+        if made[0].to_state is State.QUARANTINED:  # only ever the first of the two
             self._quarantines += 1
         failure = session.failure
-        if failure is not None and not transfer.outcome_known:
-            self._surface_failure(transfer, failure.reason, failure.detail)
-        elif state is State.CANCELLED and not transfer.outcome_known:
-            self._surface_failure(transfer, FailureReason.CANCELLED,
-                                  "cancelled before advertise")
-        if failure is not None or state is State.CANCELLED or session.cancel_requested:
+        if failure is not None:
+            if not transfer.outcome_known:
+                self._surface_failure(transfer, failure.reason, failure.detail)
             self._datapath.wind_down(transfer, now)
-        if made[-1].to_state.is_terminal:  # a session reaches a terminal state only once
+        elif state is State.CANCELLED:
+            if not transfer.outcome_known:
+                self._surface_failure(transfer, FailureReason.CANCELLED,
+                                      "cancelled before advertise")
+            self._datapath.wind_down(transfer, now)
+        elif session.cancel_requested:
+            self._datapath.wind_down(transfer, now)
+        if state in TERMINAL_STATES:  # a session reaches a terminal state only once
             if state is State.COMPLETE:
                 self._completed += 1
             elif state is State.FAILED:
@@ -473,6 +485,7 @@ class TransferEngine:
         of sleeping). Never blocks."""
         now = self._clock()
         self._ticks += 1
+        self._log_on = logging_enabled()
         busy = False
         transport, control, datapath = self.transport, self._control, self._datapath
         for source, payload in transport.recv_control():

@@ -93,25 +93,25 @@ class GroupSync:
     def decide(self, rid: str, now: float) -> None:
         """Apply what the group decided: outcome is a union, quiescence an intersection."""
         engine, agreement = self._engine, self.agreement
+        failure, all_ok, all_quiescent = agreement.verdict(rid)
         transfer = engine._transfers.get(rid)
         if transfer is not None:
-            failure = agreement.failure(rid)
             session = transfer.session
             if failure is not None:
                 if not transfer.outcome_known and session.allows(Event.ABORT):
                     agreement.mark_reported(rid, FAILED)  # the group knows already
                     engine._apply(transfer, Event.ABORT, now, reason=failure.reason,
                                   detail=failure.describe()[:256])
-            elif agreement.all_ok(rid) and session.allows(Event.COMPLETED):
+            elif all_ok and session.allows(Event.COMPLETED):
                 engine._apply(transfer, Event.COMPLETED, now)
                 if transfer.handle is not None:
                     transfer.handle._settle(TransferResult(
                         request_id=rid, role=transfer.role, peer=transfer.peer,
                         nbytes=transfer.total_nbytes, seconds=now - session.admitted_at,
                     ), None)
-            if agreement.all_quiescent(rid) and session.is_terminal:
+            if all_quiescent and session.is_terminal:
                 engine._release(transfer)
-        if agreement.all_quiescent(rid):
+        if all_quiescent:
             agreement.settle(rid)
 
     def expire_unsettled(self, now: float) -> None:

@@ -21,7 +21,9 @@ def _size_class(nbytes: int) -> int:
     return max(_MIN_CLASS_BYTES, 1 << (max(nbytes, 1) - 1).bit_length())
 
 
-@attrs.define
+# No on-setattr hooks: the converter of ``device`` would otherwise run attrs' validate and
+# convert pipeline on every counter update, twice per transfer.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class StagingPool:
     """Free lists of uint8 buffers by size class, bounded by ``max_cached_bytes``.
 

@@ -46,9 +46,11 @@ class Transfer:
     nothing is pending. ``handle`` is the host's view (None once released)."""
 
     session: TransferSession
-    layerwise: bool
-    num_chunks: int
-    chunk_nbytes: int
+    #: The session's request id: the key both this record and the session are stored under.
+    request_id: str = attrs.field(init=False)
+    layerwise: bool = attrs.field(kw_only=True)
+    num_chunks: int = attrs.field(kw_only=True)
+    chunk_nbytes: int = attrs.field(kw_only=True)
     handle: TransferHandle | None = None
     staging: torch.Tensor | None = None
     data_tag: int = 0
@@ -62,11 +64,14 @@ class Transfer:
     #: Whether the peer already knows the outcome (it told us, or we told it).
     peer_told: bool = False
 
-    # --- facts asked of the session --------------------------------------------------------
+    #: Bytes the transfer moves (every chunk).
+    total_nbytes: int = attrs.field(init=False)
 
-    @property
-    def request_id(self) -> str:
-        return self.session.request_id
+    def __attrs_post_init__(self) -> None:
+        self.request_id = self.session.request_id
+        self.total_nbytes = self.chunk_nbytes * self.num_chunks
+
+    # --- facts asked of the session --------------------------------------------------------
 
     @property
     def role(self) -> Role:
@@ -90,10 +95,6 @@ class Transfer:
     def outcome_known(self) -> bool:
         """The host was told the outcome (its handle is settled)."""
         return self.handle is None or self.handle.done
-
-    @property
-    def total_nbytes(self) -> int:
-        return self.chunk_nbytes * self.num_chunks
 
     @property
     def quiescent_ops(self) -> bool:

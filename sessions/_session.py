@@ -152,8 +152,6 @@ class SessionSnapshot:
 
 _isfinite = math.isfinite
 _EXACT_INT = frozenset({int})
-#: Up to this many block ids a plain loop checks them faster than the C-level passes.
-_LOOP_MAX = 16
 
 
 def _check_time(name: str, value: float) -> float:
@@ -208,7 +206,7 @@ def check_block_ids(block_ids: Iterable[int]) -> BlockIds:
             raise InvalidArgumentError("block_ids", block_ids, "a 1-D array of block ids")
         block_ids = block_ids.tolist()  # type: ignore[attr-defined]
     ids = tuple(block_ids)
-    if not (len(ids) > _LOOP_MAX and _EXACT_INT.issuperset(map(type, ids)) and min(ids) >= 0):
+    if not _EXACT_INT.issuperset(map(type, ids)) or (ids and min(ids) < 0):
         # The C-level passes above cover the usual case: only exact ints (so no bool), no
         # negative; a transfer may list tens of thousands of blocks. Else one step per id.
         converted = tuple(map(_as_id, ids))

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import attrs
+import pytest
 import torch
 from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine
 from kvhandoff.engine.transports import (
@@ -262,3 +263,11 @@ async def engine_pair(
         yield EnginePair(e0=e0, e1=e1, p0=p0, p1=p1, t0=t0, t1=t1)
     p0.check()
     p1.check()
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def both_backends(request: pytest.FixtureRequest) -> str:
+    """Use as ``anyio_backend`` (``from engine_support import both_backends as
+    anyio_backend``) to run a module's tests under asyncio and trio."""
+    return str(request.param)
+

@@ -20,6 +20,7 @@ from engine_support import (
     ticks,
     until,
 )
+from engine_support import both_backends as anyio_backend  # noqa: F401 (fixture)
 from kvhandoff.engine import (
     EngineClosedError,
     EngineConfigError,
@@ -32,11 +33,6 @@ from kvhandoff.engine.transports import Fault, FaultyTransport
 from kvhandoff.sessions import CancelResult, DuplicateSessionError, Role, State
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 async def test_engine_transfer_moves_bytes_and_frees_late() -> None:

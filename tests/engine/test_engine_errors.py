@@ -27,11 +27,6 @@ from kvhandoff.sessions import FailureReason, UnknownSessionError
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 async def test_engine_host_exception_comes_out_as_itself() -> None:
     t0, _ = loopback_group(2)
     raised = TransferTimeout("r", FailureReason.QUEUE_TIMEOUT, "raised by the host")

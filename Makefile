@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.kvhandoff
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint gpu-check clean
 
 $(STAMP)-venv:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,14 @@ test: $(STAMP)-test
 lint: $(STAMP)-test
 	$(VENV)/bin/ruff check sessions collectives cuda_ext engine analysis demo cli tests benchmarks
 	$(VENV)/bin/mypy sessions collectives cuda_ext engine analysis demo cli
+
+# The GPU checks in one run, each step with its own time limit (under 8 minutes on one GPU);
+# writes gpu-check.md (and gpu-check.md.log). On a machine without a GPU it says so, exits 0.
+# Offline, with kvhandoff installed into an interpreter that has the machine's CUDA torch:
+# `make gpu-check GPU_CHECK_DEPS= PY=python3` (no set-up, no download).
+GPU_CHECK_DEPS ?= $(STAMP)-test
+gpu-check: $(GPU_CHECK_DEPS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tests/gpu/gpu_check.py --out gpu-check.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

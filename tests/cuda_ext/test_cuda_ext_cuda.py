@@ -192,3 +192,112 @@ def test_cuda_rejects_bad_calls_with_typed_errors(cuda_backend: None) -> None:
         cuda_ext.scatter(out, layers, [2, 2, 1])
     torch.cuda.synchronize()
     assert bool((out == 0).all())
+
+
+# -- realistic shapes and error parity (added for `make gpu-check`) -------------------------
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_gather_scatter_realistic_pool_match_reference(
+    cuda_backend: None, dtype: torch.dtype
+) -> None:
+    """32 layers of (K, V), blocks of 16 tokens x 8 heads x 128 dims (32 KiB each), a
+    request's worth of ids in a random order: the kernel agrees with the torch reference
+    byte for byte, both ways, and leaves every other block alone."""
+    pool = random_pool(64, 256, (16, 8, 128), dtype, seed=21)
+    layers = list(pool.unbind(0))
+    ids = torch.randperm(256, generator=torch.Generator().manual_seed(5))[:100]
+    nbytes = packed_nbytes(layers, ids.numel())
+    expected = gather_ref(layers, ids, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
+    packed = cuda_ext.gather(layers, ids, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
+    assert torch.equal(packed, expected)
+    target_ids = torch.randperm(256, generator=torch.Generator().manual_seed(6))[:100]
+    target = torch.zeros_like(pool)
+    reference = torch.zeros_like(pool)
+    cuda_ext.scatter(packed, list(target.unbind(0)), target_ids)
+    scatter_ref(expected, list(reference.unbind(0)), target_ids)
+    assert torch.equal(target.view(torch.uint8), reference.view(torch.uint8))
+    untouched = torch.ones(256, dtype=torch.bool)
+    untouched[target_ids] = False
+    assert bool((target[:, untouched.cuda()].view(torch.uint8) == 0).all())
+    assert torch.equal(target[:, target_ids.cuda()].view(torch.uint8),
+                       pool[:, ids.cuda()].view(torch.uint8))
+
+
+def bad_calls_on(device: str) -> list[tuple[str, str, list[torch.Tensor], object, torch.Tensor]]:
+    """(name, op, layers, block ids, packed buffer) of bad calls that mean the same on any
+    device; block tables stay on the CPU, as the pool keeps them."""
+
+    def good() -> list[torch.Tensor]:
+        return [torch.arange(36, dtype=torch.float16).view(6, 2, 3).to(device) for _ in range(3)]
+
+    def buf(layers: list[torch.Tensor], n: int) -> torch.Tensor:
+        return torch.zeros(packed_nbytes(layers, n), dtype=torch.uint8, device=device)
+
+    layers = good()
+    wrong_dtype = [*layers[:2], layers[2].float()]
+    noncontiguous = [layers[0], torch.zeros(6, 3, 2, dtype=torch.float16,
+                                            device=device).transpose(1, 2)]
+    return [
+        ("layer_dtype", "gather", wrong_dtype, [1], buf(layers, 1)),
+        ("noncontiguous", "gather", noncontiguous, [1], buf(layers, 1)),
+        ("buf_dtype", "gather", layers, [0],
+         torch.zeros(packed_nbytes(layers, 1) // 2, dtype=torch.float16, device=device)),
+        ("buf_strided", "scatter", layers, [0], buf(layers, 2)[::2]),
+        ("float_id_tensor", "gather", layers, torch.tensor([1.0]), buf(layers, 1)),
+        ("int32_ids_out_of_range", "gather", layers,
+         torch.tensor([0, 6, 2, -1], dtype=torch.int32), buf(layers, 4)),
+        ("list_ids_out_of_range", "scatter", layers, [3, 9], buf(layers, 2)),
+        ("duplicate", "scatter", layers, [4, 1, 4, 5, 1], buf(layers, 5)),
+        ("too_small", "gather", layers, [0, 1], buf(layers, 2)[:-1]),
+    ]
+
+
+def call_error(op: str, layers: list[torch.Tensor], ids: object,
+               out: torch.Tensor) -> BaseException:
+    try:
+        if op == "gather":
+            cuda_ext.gather(layers, ids, out)  # type: ignore[arg-type]
+        else:
+            cuda_ext.scatter(out, layers, ids)  # type: ignore[arg-type]
+    except Exception as exc:  # the typed error is what the test compares
+        return exc
+    raise AssertionError(f"{op} accepted a bad call")
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(bad_calls_on("cpu"))),
+                         ids=[case[0] for case in bad_calls_on("cpu")])
+def test_cuda_bad_calls_raise_the_same_typed_errors_as_cpu(cuda_backend: None,
+                                                           index: int) -> None:
+    _, op, cpu_layers, cpu_ids, cpu_out = bad_calls_on("cpu")[index]
+    name, op, layers, ids, out = bad_calls_on("cuda")[index]
+    before = [layer.clone() for layer in layers]
+    out_before = out.clone()
+    on_cpu = call_error(op, cpu_layers, cpu_ids, cpu_out)
+    on_cuda = call_error(op, layers, ids, out)
+    assert type(on_cuda) is type(on_cpu), (name, on_cpu, on_cuda)
+    assert isinstance(on_cuda, cuda_ext.BlockCopyError), name
+    assert vars(on_cuda) == vars(on_cpu), name
+    assert str(on_cuda) == str(on_cpu), name
+    torch.cuda.synchronize()
+    assert torch.equal(out, out_before), "a rejected call copied bytes"
+    assert all(torch.equal(a, b) for a, b in zip(layers, before, strict=True))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_pool_takes_cpu_block_tables_of_any_int_dtype(cuda_backend: None) -> None:
+    layers = list(random_pool(8, 20, (4, 8), torch.float16, seed=9).unbind(0))
+    ids = [7, 0, 19, 3]
+    out = torch.empty(packed_nbytes(layers, 4), dtype=torch.uint8, device="cuda")
+    expected = cuda_ext.gather(layers, ids, out).clone()
+    for table in (torch.tensor(ids), torch.tensor(ids, dtype=torch.int32),
+                  torch.tensor(ids, dtype=torch.int16)):
+        out.zero_()
+        assert torch.equal(cuda_ext.gather(layers, table, out), expected)
+    with pytest.raises(InvalidBlockIdsError):
+        cuda_ext.gather(layers, torch.tensor(ids, device="cuda"), out)

@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 # (name, module, one-line help). Order is the order shown in --help.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "kvhandoff.demo.command", "run a simulated disaggregated serving job"),
+    ("scenario", "kvhandoff.scenarios.command",
+     "reproduce a seed failure unsafe, then see it prevented"),
     ("analyze", "kvhandoff.analysis.analyze_command",
      "say what went wrong in a run, from its rank logs"),
     ("trace", "kvhandoff.analysis.trace_command",

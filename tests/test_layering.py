@@ -49,7 +49,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine": frozenset({"sessions", "collectives", "cuda_ext"}),
     "analysis": frozenset(),
     "demo": RUNTIME | {"analysis"},
-    "cli": RUNTIME | {"analysis", "demo"},
+    "scenarios": RUNTIME | {"analysis"},
+    "cli": RUNTIME | {"analysis", "demo", "scenarios"},
 }
 # Third-party packages a package may not import at all, not even inside a function.
 BANNED: dict[str, frozenset[str]] = {

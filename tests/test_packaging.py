@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("sessions", "collectives", "cuda_ext", "engine", "analysis", "demo", "cli")
+SUBPACKAGES = ("sessions", "collectives", "cuda_ext", "engine", "analysis", "demo", "scenarios",
+               "cli")
 # Every package, nested ones included; the __all__ check runs on those that define one.
 PACKAGES = (*SUBPACKAGES, "engine.transports")
 
@@ -68,7 +69,7 @@ def test_python_m_kvhandoff_cli_is_the_console_script(tmp_path: Path) -> None:
     m_version, m_help, exe_version, exe_help = outputs
     assert m_version.startswith("kvhandoff ") and m_version == exe_version
     assert m_help == exe_help
-    for command in ("demo", "analyze", "trace"):
+    for command in ("demo", "analyze", "trace", "scenario"):
         assert command in m_help
 
 

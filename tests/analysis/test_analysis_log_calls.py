@@ -27,7 +27,8 @@ import pytest
 from kvhandoff.analysis import schema
 
 REPO = Path(__file__).resolve().parents[2]
-LIBRARY_DIRS = ("sessions", "collectives", "cuda_ext", "engine", "analysis", "demo", "cli")
+LIBRARY_DIRS = ("sessions", "collectives", "cuda_ext", "engine", "analysis", "demo", "scenarios",
+                "cli")
 LEVEL_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "exception",
                            "critical"})
 # structlog writes these names at another level.

@@ -115,7 +115,7 @@ class Agreement:
 
     def absorb(self, tp_rank: int, reports: Iterable[Report], now: float) -> list[str]:
         """Take what ``tp_rank`` reported; return the request ids concerned, in order (each
-        may now be decided: ask ``failure``, ``all_ok``, ``all_quiescent``)."""
+        may now be decided: ask ``verdict``)."""
         touched: list[str] = []
         grouped = self.size > 1
         for request_id, code, reason, detail in reports:
@@ -142,18 +142,6 @@ class Agreement:
             return None, False, False
         size = self.size
         return group.failure, len(group.ok) >= size, len(group.quiescent) >= size
-
-    def failure(self, request_id: str) -> GroupFailure | None:
-        group = self._groups.get(request_id)
-        return None if group is None else group.failure
-
-    def all_ok(self, request_id: str) -> bool:
-        group = self._groups.get(request_id)
-        return group is not None and len(group.ok) >= self.size
-
-    def all_quiescent(self, request_id: str) -> bool:
-        group = self._groups.get(request_id)
-        return group is not None and len(group.quiescent) >= self.size
 
     def known(self, request_id: str) -> bool:
         """The group has said something about the request (it may be decided already)."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kvhandoff import cuda_ext
 from kvhandoff.engine import _wire as wire
+from kvhandoff.engine._agreement import OK
 from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
@@ -222,7 +223,7 @@ class DataPath:
                               reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
                 return
         engine._apply(transfer, Event.HANDLE_DONE, now)
-        engine._reported_ok(transfer)
+        engine._agreement.report(transfer.request_id, OK)
 
     # --- wind-down -------------------------------------------------------------------------
 

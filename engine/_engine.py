@@ -37,7 +37,7 @@ import anyio.to_thread
 from kvhandoff import cuda_ext
 from kvhandoff.collectives import CheckedComm, logging_enabled, rank_logger
 from kvhandoff.engine import _wire as wire
-from kvhandoff.engine._agreement import FAILED, OK, QUIESCENT
+from kvhandoff.engine._agreement import FAILED, QUIESCENT
 from kvhandoff.engine._config import EngineConfig
 from kvhandoff.engine._control import ControlPlane
 from kvhandoff.engine._datapath import DataPath
@@ -442,9 +442,6 @@ class TransferEngine:
         self._agreement.report(transfer.request_id, FAILED, reason, detail)
         self._control.tell_failure(transfer, reason, detail)
 
-    def _reported_ok(self, transfer: Transfer) -> None:
-        self._agreement.report(transfer.request_id, OK)
-
     def _log_transitions(self, transfer: Transfer, made: Iterable[Transition]) -> None:
         if not self._log_on:
             return
@@ -460,9 +457,8 @@ class TransferEngine:
 
     def _release(self, transfer: Transfer) -> None:
         rid = transfer.request_id
-        if self._transfers.get(rid, None) is not transfer:  # released already
-            return
-        assert transfer is not None  # for mypy, which narrows through the identity test
+        if rid not in self._transfers or self._transfers[rid] is not transfer:
+            return  # released already
         session = self._table.release(rid)
         del self._transfers[rid]
         self._released += 1

@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kvhandoff.engine.transports import HandleKind, HandleState, Transport, TransportHandle
+from kvhandoff.engine.transports import (
+    HandleKind,
+    HandleState,
+    Transport,
+    TransportHandle,
+    WrappingTransport,
+)
 
 
 class _WedgedHandle(TransportHandle):
@@ -37,25 +43,20 @@ class _WedgedHandle(TransportHandle):
         return self.inner.cancel()
 
 
-class WedgedTransport(Transport):
+class WedgedTransport(WrappingTransport):
     """``inner`` with the data operations posted while ``hold_new`` is set held back until
     ``unwedge()``; ``held`` counts the operations held so far."""
 
     def __init__(self, inner: Transport) -> None:
-        super().__init__()
-        self.inner = inner
-        self.rank = inner.rank
-        self.world_size = inner.world_size
-        self.max_tag = inner.max_tag
-        self.cancellable_kinds = inner.cancellable_kinds
+        super().__init__(inner)
         self.hold_new = False
         self.held = 0
-        self._live: list[_WedgedHandle] = []
 
     def unwedge(self) -> None:
         """The link recovers: every held operation is posted now (its bytes move now)."""
         self.hold_new = False
         for handle in list(self._live):
+            assert isinstance(handle, _WedgedHandle)  # the only handles this transport makes
             handle.unwedge()
 
     def post_send(self, buf: Any, peer: int, tag: int) -> TransportHandle:
@@ -71,24 +72,4 @@ class WedgedTransport(Transport):
         self._check_open(f"post_{kind.value}")
         handle = _WedgedHandle(self, kind, buf, peer, tag, post, self.hold_new)
         self.held += int(self.hold_new)
-        self._live.append(handle)
-        return handle
-
-    def _advance(self) -> None:
-        self.inner.poll()
-        still = []
-        for handle in self._live:
-            handle._progress()
-            if not handle.final:
-                still.append(handle)
-        self._live = still
-
-    def send_control(self, peer: int, payload: bytes) -> None:
-        self.inner.send_control(peer, payload)
-
-    def recv_control(self) -> list[tuple[int, bytes]]:
-        return self.inner.recv_control()
-
-    def close(self) -> None:
-        if self._begin_close():
-            self.inner.close()
+        return self._track(handle)

@@ -14,6 +14,7 @@ from kvhandoff.engine.transports._base import (
     HandleState,
     Transport,
     TransportHandle,
+    WrappingTransport,
 )
 from kvhandoff.engine.transports._faulty import Fault, FaultyTransport
 from kvhandoff.engine.transports._loopback import LoopbackTransport, loopback_group
@@ -48,5 +49,6 @@ __all__ = [
     "TransportError",
     "TransportHandle",
     "TransportUnavailableError",
+    "WrappingTransport",
     "loopback_group",
 ]

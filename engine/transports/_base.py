@@ -272,6 +272,49 @@ class Transport(abc.ABC):
         return data
 
 
+class WrappingTransport(Transport):
+    """Base of a transport that wraps ``inner`` to change what its data operations do (hold
+    them, defer them, record them): it takes ``inner``'s rank, world size, tag space and (by
+    default) cancellable kinds, forwards control messages and ``close``, and each ``poll``
+    polls ``inner`` then progresses the wrapper handles registered with ``_track``.
+    Subclasses implement ``post_send`` / ``post_recv``; a wrapper handle's ``_progress``
+    reads its inner handle and finishes itself."""
+
+    def __init__(self, inner: Transport,
+                 cancellable_kinds: frozenset[HandleKind] | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rank = inner.rank
+        self.world_size = inner.world_size
+        self.max_tag = inner.max_tag
+        self.cancellable_kinds = (inner.cancellable_kinds if cancellable_kinds is None
+                                  else cancellable_kinds)
+        self._live: list[TransportHandle] = []
+
+    def _track(self, handle: TransportHandle) -> TransportHandle:
+        self._live.append(handle)
+        return handle
+
+    def _advance(self) -> None:
+        self.inner.poll()
+        still = []
+        for handle in self._live:
+            handle._progress()
+            if not handle.final:
+                still.append(handle)
+        self._live = still
+
+    def send_control(self, peer: int, payload: bytes) -> None:
+        self.inner.send_control(peer, payload)
+
+    def recv_control(self) -> list[tuple[int, bytes]]:
+        return self.inner.recv_control()
+
+    def close(self) -> None:
+        if self._begin_close():
+            self.inner.close()
+
+
 def as_byte_view(buf: object) -> torch.Tensor:
     """A flat ``uint8`` view of ``buf`` sharing its memory (no copy). Raises
     ``InvalidBufferError`` for anything that is not a non-empty contiguous tensor."""

@@ -21,6 +21,7 @@ from kvhandoff.engine.transports import (
     HandleState,
     Transport,
     TransportHandle,
+    WrappingTransport,
     loopback_group,
 )
 
@@ -122,7 +123,7 @@ class _HeldHandle(TransportHandle):
         return self.inner.cancel()
 
 
-class HeldTransport(Transport):
+class HeldTransport(WrappingTransport):
     """Wraps ``inner``; the operations whose post index is in ``held`` do not finish (and
     cannot be cancelled) until ``release(index)``: a wedged link the test un-wedges. Other
     operations can be cancelled (through ``inner``) only when ``cancellable``. Records every
@@ -130,15 +131,9 @@ class HeldTransport(Transport):
 
     def __init__(self, inner: Transport, held: Sequence[int] = (),
                  cancellable: bool = False) -> None:
-        super().__init__()
-        self.inner = inner
-        self.rank = inner.rank
-        self.world_size = inner.world_size
-        self.max_tag = inner.max_tag
-        self.cancellable_kinds = frozenset(HandleKind) if cancellable else frozenset()
+        super().__init__(inner, frozenset(HandleKind) if cancellable else frozenset())
         self.held: set[int] = set(held)
         self.posts: list[tuple[str, int, int]] = []
-        self._live: list[_HeldHandle] = []
 
     def release(self, index: int) -> None:
         self.held.discard(index)
@@ -152,27 +147,7 @@ class HeldTransport(Transport):
     def _wrap(self, inner: TransportHandle) -> TransportHandle:
         handle = _HeldHandle(self, inner, len(self.posts))
         self.posts.append((inner.kind.value, inner.tag, inner.nbytes))
-        self._live.append(handle)
-        return handle
-
-    def _advance(self) -> None:
-        self.inner.poll()
-        still = []
-        for handle in self._live:
-            handle._progress()
-            if not handle.final:
-                still.append(handle)
-        self._live = still
-
-    def send_control(self, peer: int, payload: bytes) -> None:
-        self.inner.send_control(peer, payload)
-
-    def recv_control(self) -> list[tuple[int, bytes]]:
-        return self.inner.recv_control()
-
-    def close(self) -> None:
-        if self._begin_close():
-            self.inner.close()
+        return self._track(handle)
 
 
 def fast_config(**overrides: float | int | None) -> EngineConfig:

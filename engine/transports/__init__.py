@@ -19,12 +19,14 @@ from kvhandoff.engine.transports._base import (
 from kvhandoff.engine.transports._faulty import Fault, FaultyTransport
 from kvhandoff.engine.transports._loopback import LoopbackTransport, loopback_group
 from kvhandoff.engine.transports._mpi import MPITransport
+from kvhandoff.engine.transports._regions import Regions, block_regions
 from kvhandoff.engine.transports._torchdist import TorchDistTransport
 from kvhandoff.engine.transports.errors import (
     ControlMessageTooLargeError,
     InvalidBufferError,
     InvalidTagError,
     PeerUnknownError,
+    RegionsUnsupportedError,
     TransportClosedError,
     TransportError,
     TransportUnavailableError,
@@ -43,6 +45,8 @@ __all__ = [
     "LoopbackTransport",
     "MPITransport",
     "PeerUnknownError",
+    "Regions",
+    "RegionsUnsupportedError",
     "TorchDistTransport",
     "Transport",
     "TransportClosedError",
@@ -50,5 +54,6 @@ __all__ = [
     "TransportHandle",
     "TransportUnavailableError",
     "WrappingTransport",
+    "block_regions",
     "loopback_group",
 ]

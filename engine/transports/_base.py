@@ -17,6 +17,14 @@ Tags: data tags are chosen by the receiver and carried in its advertise message;
 ``1..transport.max_tag``. Tag 0 is the control channel's and never a data tag. Between one
 pair of ranks, operations with the same tag match in the order they were posted.
 
+Region form: a transport whose ``moves_regions`` is true also moves a message made of byte
+ranges of memory the caller owns (``Regions``, see ``_regions``) with ``post_send_regions`` /
+``post_recv_regions``: the blocks move where they are, with no staging buffer in between.
+The byte stream is the same as a buffer holding the regions back to back, so a region send
+matches a buffer receive of the same bytes and the other way round. The promise of a final
+state covers the regions' memory exactly as it covers a buffer: until then the transport may
+read or write it, so the engine keeps those blocks pinned.
+
 Control channel: ``send_control(peer, payload)`` queues a small message (at most
 ``MAX_CONTROL_BYTES``) without blocking; ``recv_control()`` returns every control message that
 has arrived, as ``(source rank, bytes)``. The payload is opaque here; ``kvhandoff.engine._wire``
@@ -32,11 +40,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from kvhandoff.engine.transports._regions import Regions
 from kvhandoff.engine.transports.errors import (
     ControlMessageTooLargeError,
     InvalidBufferError,
     InvalidTagError,
     PeerUnknownError,
+    RegionsUnsupportedError,
     TransportClosedError,
 )
 
@@ -174,6 +184,8 @@ class Transport(abc.ABC):
     world_size: int
     max_tag: int = MAX_TAG
     cancellable_kinds: frozenset[HandleKind] = frozenset()
+    #: True when ``post_send_regions`` / ``post_recv_regions`` move regions natively.
+    moves_regions: bool = False
 
     def __init__(self) -> None:
         self._ready: collections.deque[TransportHandle] = collections.deque()
@@ -202,6 +214,18 @@ class Transport(abc.ABC):
     def post_recv(self, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
         """Start receiving exactly ``buf``'s byte size from ``peer`` on data ``tag``. A
         message of another size fails the handle."""
+
+    def post_send_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        """Start sending the bytes of ``regions``, in order, to ``peer`` on data ``tag``;
+        the regions' memory must not be modified until the handle is final. Only when
+        ``moves_regions``; otherwise ``RegionsUnsupportedError``."""
+        raise RegionsUnsupportedError(type(self).__name__)
+
+    def post_recv_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        """Start receiving exactly ``regions.nbytes`` from ``peer`` on data ``tag`` into the
+        regions, in order. Only when ``moves_regions``; otherwise
+        ``RegionsUnsupportedError``."""
+        raise RegionsUnsupportedError(type(self).__name__)
 
     def poll(self) -> list[TransportHandle]:
         """Handles that reached a final state since the last poll, each exactly once.

@@ -25,6 +25,7 @@ __all__ = [
     "InvalidTagError",
     "PeerUnknownError",
     "ProtocolError",
+    "RegionsUnsupportedError",
     "TrailingBytesError",
     "TransportClosedError",
     "TransportError",
@@ -63,6 +64,17 @@ class TransportClosedError(TransportError):
             f"{operation} on a closed transport: create a new transport, or finish the "
             "work before close()"
         )
+
+
+class RegionsUnsupportedError(TransportError):
+    """A region send or receive was asked of a transport that moves contiguous buffers
+    only (its ``moves_regions`` is false): gather the blocks into a buffer first."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        super().__init__(
+            f"{transport} moves contiguous buffers only (moves_regions is False): gather the "
+            "blocks into one buffer (kvhandoff.cuda_ext.gather) and use post_send/post_recv")
 
 
 class PeerUnknownError(TransportError):

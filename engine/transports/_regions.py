@@ -1,0 +1,129 @@
+"""``Regions``: a message made of byte ranges of memory the caller owns (the region form).
+
+A staged transfer gathers a request's blocks into one contiguous buffer and moves that. A
+transport that can address scattered memory itself (MPI derived datatypes, NIXL descriptor
+lists, a block-to-block copy) moves the blocks where they are instead: the message is the
+concatenation, in order, of the bytes of each region. The order is the packed layout of
+``kvhandoff.cuda_ext.gather`` (tensor-major: every chosen block of the first tensor in block-id
+order, then the next tensor's), so a region send and a staged receive of the same blocks, or
+the other way round, carry the same byte stream: each side chooses its path alone.
+
+``block_regions(tensors, block_ids)`` builds the regions of a block table; runs of consecutive
+block ids whose blocks are adjacent in memory collapse into one region. ``Regions`` keeps the
+tensors it points into alive, and holds addresses and lengths as two ``uint64`` numpy arrays
+(descriptor lists for NIXL, displacements for an MPI ``hindexed`` type) built without a Python
+step per block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import torch
+from kvhandoff.engine.transports.errors import InvalidBufferError
+
+__all__ = ["Regions", "block_regions"]
+
+
+@attrs.frozen(eq=False)
+class Regions:
+    """Ordered byte regions ``(addresses[i], lengths[i])`` on one ``device``; ``nbytes`` is
+    their sum. ``owners`` are the tensors the regions lie in (kept alive while a transport
+    holds the regions). Build one with ``block_regions``; the fields are not re-validated."""
+
+    addresses: np.ndarray
+    lengths: np.ndarray
+    device: torch.device
+    owners: tuple[torch.Tensor, ...]
+    nbytes: int
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def split(self, parts: int) -> list[Regions]:
+        """The regions as ``parts`` consecutive pieces of equal ``nbytes`` (a region that
+        straddles a boundary is cut); ``nbytes`` must be a multiple of ``parts``. Used to
+        move one message as several operations."""
+        if type(parts) is not int or parts < 1 or self.nbytes % parts:
+            raise ValueError(f"cannot split {self.nbytes} bytes into {parts!r} equal parts")
+        if parts == 1:
+            return [self]
+        size = self.nbytes // parts
+        ends = np.cumsum(self.lengths, dtype=np.uint64)
+        starts = ends - self.lengths
+        out = []
+        for k in range(parts):
+            lo, hi = k * size, (k + 1) * size
+            first = int(np.searchsorted(ends, lo, side="right"))
+            last = int(np.searchsorted(starts, hi, side="left"))
+            addr = self.addresses[first:last].copy()
+            length = self.lengths[first:last].copy()
+            head_cut = lo - int(starts[first])
+            addr[0] += np.uint64(head_cut)
+            length[0] -= np.uint64(head_cut)
+            length[-1] -= np.uint64(int(ends[last - 1]) - hi)
+            out.append(Regions(addr, length, self.device, self.owners, size))
+        return out
+
+
+def _block_geometry(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """``(num_blocks, block bytes, block stride in bytes)`` of a ``[num_blocks, ...]`` tensor
+    whose every block is contiguous; ``InvalidBufferError`` otherwise."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+        raise InvalidBufferError(
+            f"a block tensor must be a torch.Tensor of shape [num_blocks, ...], got "
+            f"{type(tensor).__name__}"
+            + (f" of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else ""))
+    if not tensor[0].is_contiguous():
+        raise InvalidBufferError(
+            "every block of a block tensor must be contiguous in memory (its dimensions after "
+            f"the first), got strides {tensor.stride()} for shape {tuple(tensor.shape)}",
+            device=str(tensor.device))
+    element = tensor.element_size()
+    block_nbytes = math.prod(tensor.shape[1:]) * element
+    return tensor.shape[0], block_nbytes, tensor.stride(0) * element
+
+
+def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np.ndarray,
+                  ) -> Regions:
+    """The regions of blocks ``block_ids`` of every tensor in ``tensors`` (each
+    ``[num_blocks, ...]``, one device, every block contiguous), in packed order. Raises
+    ``InvalidBufferError`` for tensors of another form or out-of-range ids, before anything
+    else. Ids are not checked for duplicates (a send may read a block twice; the engine
+    validates a receive's ids)."""
+    tensors = tuple(tensors)
+    if not tensors:
+        raise InvalidBufferError("block_regions needs at least one tensor")
+    ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise InvalidBufferError("block_regions needs at least one block id")
+    device = tensors[0].device
+    geometry = [_block_geometry(t) for t in tensors]
+    for tensor in tensors:
+        if tensor.device != device:
+            raise InvalidBufferError(
+                f"every block tensor must be on one device: {device} and {tensor.device}")
+    low, high = int(ids.min()), int(ids.max())
+    limit = min(g[0] for g in geometry)
+    if low < 0 or high >= limit:
+        raise InvalidBufferError(f"block id {low if low < 0 else high} is out of range "
+                                 f"0..{limit - 1}", device=str(device))
+    # Runs of consecutive ids: a run starts where the id is not the previous one plus one.
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
+    run_first = ids[starts]
+    run_len = np.diff(np.append(starts, ids.size))
+    addresses, lengths = [], []
+    total = 0
+    for tensor, (_, block_nbytes, stride) in zip(tensors, geometry, strict=True):
+        base = np.uint64(tensor.data_ptr())
+        if stride == block_nbytes:  # adjacent blocks: one region per run
+            addresses.append(base + run_first.astype(np.uint64) * np.uint64(stride))
+            lengths.append(run_len.astype(np.uint64) * np.uint64(block_nbytes))
+        else:  # blocks apart in memory (e.g. K and V interleaved per block): one per block
+            addresses.append(base + ids.astype(np.uint64) * np.uint64(stride))
+            lengths.append(np.full(ids.size, block_nbytes, dtype=np.uint64))
+        total += ids.size * block_nbytes
+    return Regions(np.concatenate(addresses), np.concatenate(lengths), device, tensors, total)

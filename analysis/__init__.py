@@ -4,7 +4,8 @@ They read the per-rank JSON logs that the runtime writes and never import the ru
 logs' format is ``kvhandoff.analysis.schema``, the one description of every event and key.
 
 - ``analyze_logs(log_dir)`` / ``analyze(load_logs(log_dir))``: a ``Report`` of what went
-  wrong (desyncs, hangs, sessions, health, a broken TP group, the engine's warnings);
+  wrong (desyncs, hangs, sessions, health, a broken TP group, the engine's warnings, a
+  host's stalled loop and late writes, with what injected faults explain apart);
   ``render(report)`` prints it as tables.
 - ``build_trace(logs)`` / ``write_trace(logs, path)``: a Chrome / Perfetto trace.
 
@@ -39,14 +40,18 @@ if TYPE_CHECKING:
         CallPosition,
         Cancel,
         Divergence,
+        EarlyFree,
         EventExample,
         EventTally,
         Hang,
         HealthChange,
+        InjectedFault,
+        LateWrite,
         PinnedBlocks,
         Quarantine,
         Report,
         SessionOutcome,
+        Stall,
         TimelineEntry,
         TpFailure,
         Whereabouts,
@@ -76,9 +81,9 @@ _LAZY: dict[str, str] = {
     "render": "kvhandoff.analysis._render",
     "LogDirError": "kvhandoff.analysis.errors",
     **dict.fromkeys(
-        ["CallPosition", "Cancel", "Divergence", "EventExample", "EventTally", "Hang",
-         "HealthChange", "PinnedBlocks", "Quarantine", "Report", "SessionOutcome",
-         "TimelineEntry", "TpFailure", "Whereabouts"],
+        ["CallPosition", "Cancel", "Divergence", "EarlyFree", "EventExample", "EventTally",
+         "Hang", "HealthChange", "InjectedFault", "LateWrite", "PinnedBlocks", "Quarantine",
+         "Report", "SessionOutcome", "Stall", "TimelineEntry", "TpFailure", "Whereabouts"],
         "kvhandoff.analysis._report",
     ),
     **dict.fromkeys(
@@ -96,11 +101,14 @@ __all__ = [
     "CallPosition",
     "Cancel",
     "Divergence",
+    "EarlyFree",
     "EventExample",
     "EventTally",
     "Hang",
     "HealthChange",
+    "InjectedFault",
     "InputNote",
+    "LateWrite",
     "LogDirError",
     "LogEvent",
     "LogKey",
@@ -112,6 +120,7 @@ __all__ = [
     "RankLog",
     "Report",
     "SessionOutcome",
+    "Stall",
     "TimelineEntry",
     "TpFailure",
     "Whereabouts",

@@ -3,7 +3,7 @@
 Theory of operation. Each rank's log (docs/log-schema.md) is first reduced on its own to a
 ``RankDigest`` (``_digest``: its calls per communicator as arrays indexed by sequence number,
 merged from every source by ``_merge``, and its session findings) - in parallel worker
-processes for big inputs - and then four questions are answered across ranks, each from
+processes for big inputs - and then five questions are answered across ranks, each from
 every source that can answer it:
 
 - *Divergence* - the first sequence number, per communicator, at which ranks issued different
@@ -25,6 +25,17 @@ every source that can answer it:
   the ranks that logged it); and the engine's warnings (``control.rejected``,
   ``control.send_failed``, ``engine.drain_left``, ``engine.group_incomplete``) counted, with
   the first few of each.
+- *Host* - what a host's own code did wrong, from its lines (``host.*``): a loop its
+  watchdog found stuck inside one call (``host.stalled``: the rank, the call, the site where
+  its thread was), blocks it freed while a transport operation on them was still pending
+  (``host.free``), and a late write the pool's poison check caught in freed blocks
+  (``host.poisoned``), tied to the early frees that gave those blocks back.
+
+Injected faults (``fault.injected``) explain findings without being problems: the
+quarantines and failures of the requests they hit, and an engine's unhealthy spell that
+only those quarantines caused and that recovered before the log ends. Those go to
+``Report.expected``; anything else they touch (a restart, blocks never released, a session
+never finished, a host's own mistake) is still a problem.
 
 ``Report.problems`` lists one line per finding; an empty tuple means the run was clean.
 Input notes (bad or truncated lines) are reported but are not problems by themselves.
@@ -35,6 +46,7 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import numpy as np
@@ -65,10 +77,16 @@ from kvhandoff.analysis._reader import (
 from kvhandoff.analysis._report import (
     CallPosition,
     Divergence,
+    EarlyFree,
     EventTally,
     Fingerprint,
     Hang,
+    HealthChange,
+    InjectedFault,
+    LateWrite,
+    Quarantine,
     Report,
+    Stall,
     Whereabouts,
 )
 from kvhandoff.analysis.errors import LogDirError
@@ -76,6 +94,8 @@ from kvhandoff.analysis.errors import LogDirError
 __all__ = ["NO_LOG_NOTE", "PARALLEL_MIN_BYTES", "analyze", "analyze_logs"]
 
 NO_LOG_NOTE = "no log file - it may have died before logging"
+# sessions.QUARANTINE_BUDGET_EXCEEDED (the analyzer never imports the runtime).
+QUARANTINE_BUDGET_EXCEEDED = "quarantine_budget_exceeded"
 # Below this much log data, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 32 * 1024 * 1024
 
@@ -327,6 +347,90 @@ def _relative(position: CallPosition, seq: int) -> str:
     return "at this sequence number"
 
 
+# --------------------------------------------------------------------------- host
+
+
+def _host_findings(
+    digests: list[RankDigest],
+) -> tuple[list[Stall], list[EarlyFree], list[LateWrite], list[InjectedFault]]:
+    stalls: list[Stall] = []
+    early: list[EarlyFree] = []
+    late: list[LateWrite] = []
+    injected: list[InjectedFault] = []
+    for digest in digests:
+        rank = digest.rank
+        freed_early: dict[int, str] = {}  # block -> the request that freed it early, last
+        for line in digest.host:
+            if line.event == "fault.injected":
+                injected.append(InjectedFault(rank, line.ts, line.request_id, line.fault or "",
+                                              line.peer, line.detail or ""))
+            elif line.event == "host.stalled":
+                stalls.append(Stall(rank, line.ts, line.request_id, line.call or "",
+                                    line.site or "", line.bound_s))
+            elif line.event == "host.free" and line.pending:
+                block_ids = tuple(line.block_ids or ())
+                early.append(EarlyFree(rank, line.ts, line.request_id or "", block_ids))
+                freed_early.update(dict.fromkeys(block_ids, line.request_id or ""))
+            elif line.event == "host.poisoned":
+                block_ids = tuple(line.block_ids or ())
+                freed_by = sorted({freed_early[b] for b in block_ids if b in freed_early})
+                late.append(LateWrite(rank, line.ts, block_ids, tuple(freed_by),
+                                      line.error or ""))
+    return stalls, early, late, injected
+
+
+def _host_problems(
+    stalls: list[Stall], early: list[EarlyFree], late: list[LateWrite]
+) -> list[str]:
+    problems = []
+    for stall in stalls:
+        bound = f" {stall.bound_s:g} s" if stall.bound_s is not None else ""
+        problems.append(
+            f"rank {stall.rank}: host loop stalled in {stall.call} at {stall.site} (still "
+            f"inside it after the{bound} watchdog bound)"
+        )
+    for free in early:
+        problems.append(
+            f"rank {free.rank}: blocks {list(free.block_ids)} of {free.request_id} freed while "
+            "its transfer was still pending (the transport may still read or write them)"
+        )
+    for write in late:
+        problem = (
+            f"rank {write.rank}: late write into freed blocks {list(write.block_ids)}, caught "
+            "by the pool's poison check"
+        )
+        if write.freed_by:
+            problem += f" (freed early by {', '.join(write.freed_by)})"
+        problems.append(problem)
+    return problems
+
+
+def _explained_unhealthy(
+    rank: int, health: list[HealthChange], quarantines: list[Quarantine], injected: set[str]
+) -> bool:
+    """An unhealthy spell of ``rank`` that an injected fault explains: every unhealthy
+    snapshot was over the quarantine budget, every quarantine there was of a request with an
+    injected fault, and the engine was healthy again by the end of its log."""
+    changes = [change for change in health if change.rank == rank]
+    mine = [q for q in quarantines if q.rank == rank]
+    return (
+        bool(changes) and changes[-1].healthy is True and bool(mine)
+        and all(q.request_id in injected for q in mine)
+        and all(change.reason == QUARANTINE_BUDGET_EXCEEDED
+                for change in changes if change.healthy is False)
+    )
+
+
+def _split(items: list[Any], injected: set[str]) -> tuple[list[Any], list[Any]]:
+    """(those whose request has no injected fault, those whose request has one)."""
+    return ([item for item in items if item.request_id not in injected],
+            [item for item in items if item.request_id in injected])
+
+
+def _requests_text(items: Iterable[Any]) -> str:
+    return ", ".join(dict.fromkeys(item.request_id for item in items))
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -458,17 +562,41 @@ def _report(
         problems.append(problem)
     problems.extend(f"rank {rank}: {NO_LOG_NOTE}" for rank in sorted(absent))
     problems.extend(f"rank {rank}: log file unreadable" for rank in sorted(unreadable))
+    stalls, early_frees, late_writes, injected = _host_findings(ordered)
+    problems.extend(_host_problems(stalls, early_frees, late_writes))
+    injected_ids = {fault.request_id for fault in injected if fault.request_id is not None}
+    expected = [
+        f"fault injected on rank {fault.rank}: {fault.fault}"
+        + (f" {fault.request_id}" if fault.request_id is not None else "")
+        + (f" (peer {fault.peer})" if fault.peer is not None else "")
+        + (f": {fault.detail}" if fault.detail else "")
+        for fault in injected
+    ]
     if unfinished:
         problems.append(f"{len(unfinished)} session(s) never reached a terminal state")
-    if failed:
-        problems.append(f"{len(failed)} session(s) failed")
-    if quarantines:
-        problems.append(f"{len(quarantines)} quarantine(s)")
+    failed_real, failed_injected = _split(failed, injected_ids)
+    if failed_real:
+        problems.append(f"{len(failed_real)} session(s) failed")
+    if failed_injected:
+        expected.append(f"{len(failed_injected)} session(s) failed, of the injected fault's "
+                        f"request(s) {_requests_text(failed_injected)}")
+    quarantines_real, quarantines_injected = _split(quarantines, injected_ids)
+    if quarantines_real:
+        problems.append(f"{len(quarantines_real)} quarantine(s)")
+    if quarantines_injected:
+        expected.append(f"{len(quarantines_injected)} quarantine(s), of the injected fault's "
+                        f"request(s) {_requests_text(quarantines_injected)}")
     if pinned:
         problems.append(f"{len(pinned)} deferred free(s) never released")
     unhealthy = sorted({change.rank for change in health if change.healthy is False})
-    if unhealthy:
-        problems.append(f"engine unhealthy on rank(s) {_ranks_text(unhealthy)}")
+    recovered = [rank for rank in unhealthy
+                 if _explained_unhealthy(rank, health, quarantines, injected_ids)]
+    if len(recovered) < len(unhealthy):
+        problems.append("engine unhealthy on rank(s) "
+                        f"{_ranks_text(r for r in unhealthy if r not in recovered)}")
+    if recovered:
+        expected.append(f"engine unhealthy on rank(s) {_ranks_text(recovered)} over the "
+                        "injected fault's quarantines, healthy again by the end")
     restarts = sorted({change.rank for change in health if change.restart_requested})
     if restarts:
         problems.append(f"restart requested on rank(s) {_ranks_text(restarts)}")
@@ -506,7 +634,12 @@ def _report(
         health_changes=tuple(health),
         tp_failures=tuple(tp_failures),
         engine_warnings=tuple(warnings),
+        stalls=tuple(stalls),
+        early_frees=tuple(early_frees),
+        late_writes=tuple(late_writes),
+        injected_faults=tuple(injected),
         request_id=request_id,
         timeline=tuple(timeline),
         problems=tuple(problems),
+        expected=tuple(expected),
     )

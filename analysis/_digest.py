@@ -8,7 +8,9 @@ that ranks can be digested in parallel worker processes and only the digest trav
   cancels, blocks never released, health changes, the asked-for request's timeline).
 - The engine's own troubles: each ``engine.tp_failed`` line, and per engine warning
   (``control.rejected`` ...) a count and the first few lines in a few words.
-- The rare collective lines (``collective.desync``, ``collective.timeout``) as they are.
+- The rare collective lines (``collective.desync``, ``collective.timeout``) as they are, and
+  so the lines of a host's own code (``HOST_EVENTS``: its stalls, frees, poison hits, and
+  the faults the run injected).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ _REQUEST_ID = attrgetter("request_id")
 _TO_STATE = attrgetter("to_state")
 # The first this many lines of each engine warning are kept as examples, per rank.
 EXAMPLES = 3
+#: Lines a host's own code writes (schema component ``host``), kept as they are.
+HOST_EVENTS = tuple(name for name, event in schema.EVENTS.items() if event.component == "host")
 
 
 def _detail_rejected(line: Line) -> str:
@@ -89,7 +93,8 @@ def error_type(error: str) -> str | None:
 @attrs.frozen(eq=False)
 class RankDigest:
     """What the cross-rank analysis needs of one rank's log (see the module doc).
-    ``warnings`` maps each engine warning logged to (how many lines, the first ones)."""
+    ``warnings`` maps each engine warning logged to (how many lines, the first ones);
+    ``host`` holds the ``HOST_EVENTS`` lines by time."""
 
     rank: int
     path: str
@@ -110,6 +115,7 @@ class RankDigest:
     tp_failures: tuple[TpFailure, ...]
     warnings: dict[str, tuple[int, tuple[EventExample, ...]]]
     timeline: tuple[TimelineEntry, ...]
+    host: tuple[Line, ...]
 
 
 def _int_keys(mapping: dict[str, object] | None) -> set[int]:
@@ -194,6 +200,8 @@ def digest_rank(
             if (found := by_event.get(name))
         },
         timeline=tuple(_timeline(rank, by_event, request_id)) if request_id is not None else (),
+        host=tuple(sorted((line for name in HOST_EVENTS for line in by_event.get(name, ())),
+                          key=attrgetter("ts"))),
     )
 
 
@@ -286,7 +294,20 @@ def _timeline(
             if entry.request_id == request_id:
                 detail = f"still open in {entry.state} when the drain ended"
                 entries.append(TimelineEntry(line.ts, rank, line.event, detail))
+    for name, describe in _HOST_TIMELINE.items():
+        for line in by_event.get(name, ()):
+            if line.request_id == request_id:
+                entries.append(TimelineEntry(line.ts, rank, line.event, describe(line)))
     return entries
+
+
+#: How a host line about one request reads in its timeline.
+_HOST_TIMELINE: dict[str, Callable[[Line], str]] = {
+    "fault.injected": lambda line: f"injected {line.fault} (peer {line.peer}): {line.detail}",
+    "host.stalled": lambda line: f"host loop stalled in {line.call} at {line.site}",
+    "host.free": lambda line: (f"host freed blocks {list(line.block_ids or ())}"
+                               + (" with its transfer still pending" if line.pending else "")),
+}
 
 
 def digest_file(

@@ -67,6 +67,10 @@ class _Renderer:
         self.render_timeline()
         self.render_health()
         self.render_engine()
+        if report.expected:
+            console.print("[bold]Expected (explained by injected faults):[/]")
+            for line in report.expected:
+                console.print(f"  - {line}", highlight=False, markup=False)
         if report.problems:
             console.print("[bold red]Problems found:[/]")
             for problem in report.problems:

@@ -10,15 +10,19 @@ __all__ = [
     "CallPosition",
     "Cancel",
     "Divergence",
+    "EarlyFree",
     "EventExample",
     "EventTally",
     "Fingerprint",
     "Hang",
     "HealthChange",
+    "InjectedFault",
+    "LateWrite",
     "PinnedBlocks",
     "Quarantine",
     "Report",
     "SessionOutcome",
+    "Stall",
     "TimelineEntry",
     "TpFailure",
     "Whereabouts",
@@ -172,6 +176,55 @@ class TpFailure:
 
 
 @attrs.frozen
+class Stall:
+    """A host loop that its watchdog found still inside one call (``host.stalled``): on
+    ``rank``, doing ``call`` (about ``request_id``) at ``site``, past ``bound_s``."""
+
+    rank: int
+    ts: float
+    request_id: str | None
+    call: str
+    site: str
+    bound_s: float | None
+
+
+@attrs.frozen
+class EarlyFree:
+    """A host gave ``request_id``'s blocks back to its pool while a transport operation on
+    them was not final (``host.free`` with ``pending``): the transport may still write them."""
+
+    rank: int
+    ts: float
+    request_id: str
+    block_ids: tuple[int, ...]
+
+
+@attrs.frozen
+class LateWrite:
+    """The pool's poison check found freed ``block_ids`` written after their free
+    (``host.poisoned``). ``freed_by`` are the requests whose early frees (``EarlyFree``, same
+    rank, before it) gave those blocks back: whose transfer most likely wrote them."""
+
+    rank: int
+    ts: float
+    block_ids: tuple[int, ...]
+    freed_by: tuple[str, ...]
+    error: str
+
+
+@attrs.frozen
+class InjectedFault:
+    """A fault the run injected on purpose (``fault.injected``)."""
+
+    rank: int
+    ts: float
+    request_id: str | None
+    fault: str
+    peer: int | None
+    detail: str
+
+
+@attrs.frozen
 class EventExample:
     """One line of an event, in a few words."""
 
@@ -204,7 +257,12 @@ class TimelineEntry:
 @attrs.frozen
 class Report:
     """Everything ``kvhandoff analyze`` found. ``problems`` is empty exactly when the run
-    was clean; ``missing_ranks`` are world ranks with no readable log file; ``tp_failures``
+    was clean; ``expected`` lists, one line each, the findings that the injected faults
+    (``injected_faults``) explain, which are not problems: quarantines and failures of those
+    requests, and unhealthy spells they caused that recovered. ``stalls``, ``early_frees``
+    and ``late_writes`` are a host's own mistakes (a loop frozen on one call, blocks freed
+    under a transfer, the write that landed in them); an injected fault never explains
+    those. ``missing_ranks`` are world ranks with no readable log file; ``tp_failures``
     has one entry per ``engine.tp_failed`` line, by time; ``engine_warnings`` one tally per
     engine warning that was logged (``control.rejected``, ``control.send_failed``,
     ``engine.drain_left``, ``engine.group_incomplete``); ``timeline`` is filled only when a
@@ -227,9 +285,14 @@ class Report:
     health_changes: tuple[HealthChange, ...]
     tp_failures: tuple[TpFailure, ...]
     engine_warnings: tuple[EventTally, ...]
+    stalls: tuple[Stall, ...]
+    early_frees: tuple[EarlyFree, ...]
+    late_writes: tuple[LateWrite, ...]
+    injected_faults: tuple[InjectedFault, ...]
     request_id: str | None
     timeline: tuple[TimelineEntry, ...]
     problems: tuple[str, ...]
+    expected: tuple[str, ...]
 
     @property
     def clean(self) -> bool:

@@ -242,6 +242,7 @@ OBJECTS = (POSITION, FINGERPRINT, RECORDER_ENTRY, DRAIN_ENTRY)
 
 _COLLECTIVES = "collectives"
 _ENGINE = "engine"
+_HOST = "host"
 _CALL = (_COMM, _SEQ, _OP, _SITE, _TAG)
 
 _EVENT_LIST = (
@@ -375,6 +376,52 @@ _EVENT_LIST = (
         "the engine's TP group broke (desync, timeout, closed): every open transfer fails "
         "and each rank releases its blocks on its own quiescence",
     ),
+    LogEvent(
+        "fault.injected", "warning", _HOST,
+        (
+            attrs.evolve(_REQUEST_ID, meaning="the request whose transfer the fault hits",
+                         nullable=True),
+            LogKey("fault", str, "what was injected, e.g. `wedged` (the link holds the "
+                   "request's data operation until the run lets it go)"),
+            _PEER,
+            LogKey("detail", str, "the fault in a few words"),
+        ),
+        "the run injected a fault on purpose (a test, a scenario): `kvhandoff analyze` counts "
+        "the quarantines, failures and recovered health it explains as expected, not as "
+        "problems",
+    ),
+    LogEvent(
+        "host.stalled", "error", _HOST,
+        (
+            attrs.evolve(_REQUEST_ID, meaning="the request the call was about", nullable=True),
+            LogKey("call", str, "what the loop was doing, e.g. `wait() on req-1's recv`"),
+            attrs.evolve(_SITE, meaning='where it was stuck, from its thread\'s own stack: '
+                         '`"path/to/file.py:LINE function"`'),
+            LogKey("bound_s", float, "the watchdog's bound, in seconds"),
+        ),
+        "a host loop's watchdog found the loop still inside one call after its bound (a "
+        "blocking wait on a transfer that is not final freezes the whole loop)",
+    ),
+    LogEvent(
+        "host.free", "info", _HOST,
+        (
+            attrs.evolve(_REQUEST_ID, meaning="the request whose blocks they are"),
+            LogKey("block_ids", ListOf(int), "the blocks, ascending"),
+            LogKey("pending", bool, "a transport operation on these blocks was not final: "
+                   "the transport may still read or write them"),
+        ),
+        "a host that drives the transport itself gave a request's blocks back to its pool",
+    ),
+    LogEvent(
+        "host.poisoned", "error", _HOST,
+        (
+            LogKey("block_ids", ListOf(int), "the freed blocks whose poison was gone"),
+            LogKey("owner", str, "who was being given them", nullable=True),
+            attrs.evolve(_ERROR, meaning='the `PoisonError`, `"<ExceptionType>: <message>"`'),
+        ),
+        "the pool's poison check (`BlockPool(debug=True)`) found freed blocks written after "
+        "their free: something still wrote memory it no longer owned",
+    ),
 )
 
 #: Every event, by name, in the order of docs/log-schema.md.
@@ -466,6 +513,12 @@ _SECTIONS = {
         "every problem.",
     ),
     _ENGINE: ("Engine (`kvhandoff.engine`)", ""),
+    _HOST: (
+        "Host programs and injected faults (`kvhandoff.scenarios`)",
+        "Written by a host's own code, not by the runtime: a host loop that drives a transport "
+        "and a pool\nwithout the engine (the scenarios' unsafe runs) logs what it did, and a "
+        "run that injects a fault\non purpose says so.",
+    ),
 }
 
 

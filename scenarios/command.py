@@ -40,16 +40,6 @@ def _default_backend() -> str:
     return "mpi" if launched else "embedded"
 
 
-def _world_rank() -> int:
-    """This process's rank from the launcher's environment (0 when not launched)."""
-    import os
-
-    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     if args.name not in SCENARIOS:
         print(f"unknown scenario {args.name!r}; one of {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -57,11 +47,6 @@ def run(args: argparse.Namespace) -> int:
     backend = args.backend or _default_backend()
     text, module_name = SCENARIOS[args.name]
     module: Any = importlib.import_module(module_name)
-    embedded_only = getattr(module, "EMBEDDED_ONLY", None)
-    if backend == "mpi" and embedded_only is not None:
-        if _world_rank() == 0:
-            print(f"scenario {args.name} runs embedded only: {embedded_only}", file=sys.stderr)
-        return 2
     rank = 0
     if backend == "mpi":
         try:

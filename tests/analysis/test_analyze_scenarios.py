@@ -2,7 +2,9 @@
 the seed scenarios: seed 000 (a gather issued inside a rank-divergent gate: desync) and seed
 001 (a rank-local gate in front of a collective, one rank dead before it logged anything:
 hang). The report must name the right ranks, sequence numbers and call sites - the lines of
-this file that issued the calls."""
+this file that issued the calls. Seed 002's findings (a host's stalled loop, early frees, a
+late write; what an injected fault explains and what it does not) from lines written by
+the real rank loggers."""
 
 from __future__ import annotations
 
@@ -171,3 +173,180 @@ def test_analyze_seed001_per_call_logs_place_every_rank(log_dir: Path) -> None:
     assert where[3].position.source == "collective.enter"
     assert (where[3].position.seq, where[3].position.state) == (2, "completed")
     assert where[3].note == "behind: 1 call(s) before this one"
+
+
+# --------------------------------------------------------------------------- seed 002
+#
+# A host's own lines (host.*), and the faults a run injects (fault.injected), written through
+# the real rank loggers; the lines below are those kvhandoff scenario 002 writes, cut down.
+
+
+def write_lines(log_dir: Path, lines: list[tuple[int, str, str, dict[str, Any]]]) -> None:
+    """Log each ``(rank, level, event, keys)`` through the real writer; every line written
+    must follow the schema."""
+    from kvhandoff.collectives import rank_logger
+
+    configure_logging(log_dir)
+    for rank, level, event, keys in lines:
+        getattr(rank_logger(rank), level)(event, **keys)
+    configure_logging(None)
+    for path in sorted(log_dir.glob("rank-*.jsonl")):
+        for text in path.read_text().splitlines():
+            assert schema.check_line(json.loads(text)) == [], text
+
+
+def stalled(rank: int, request_id: str, site: str) -> tuple[int, str, str, dict[str, Any]]:
+    return (rank, "error", "host.stalled",
+            {"request_id": request_id, "call": f"wait() on {request_id}'s recv", "site": site,
+             "bound_s": 1.0})
+
+
+def host_free(rank: int, request_id: str, blocks: list[int],
+              pending: bool) -> tuple[int, str, str, dict[str, Any]]:
+    return (rank, "info", "host.free",
+            {"request_id": request_id, "block_ids": blocks, "pending": pending})
+
+
+def injected(rank: int, request_id: str) -> tuple[int, str, str, dict[str, Any]]:
+    return (rank, "warning", "fault.injected",
+            {"request_id": request_id, "fault": "wedged", "peer": 1,
+             "detail": "the link holds this request's send"})
+
+
+def transition(rank: int, request_id: str, from_state: str, to_state: str, trigger: str,
+               reason: str | None = None) -> tuple[int, str, str, dict[str, Any]]:
+    return (rank, "info", "session.transition",
+            {"request_id": request_id, "role": "sender", "peer": 1, "from_state": from_state,
+             "to_state": to_state, "trigger": trigger, "reason": reason})
+
+
+def health(rank: int, healthy: bool, quarantined: int, reason: str | None = None,
+           restart: bool = False) -> tuple[int, str, str, dict[str, Any]]:
+    return (rank, "info", "health.change",
+            {"healthy": healthy, "quarantined": quarantined, "quarantine_budget": 1,
+             "seconds_since_progress": 0.5, "in_flight": quarantined, "reason": reason,
+             "restart_requested": restart})
+
+
+def wedged_and_recovered(rank: int, request_ids: list[str]) -> list[Any]:
+    """What a safe engine logs for requests on a wedged link: each quarantined (over the
+    budget of 1), health down, then each released and health back."""
+    lines = [injected(rank, rid) for rid in request_ids]
+    for rid in request_ids:
+        lines += [transition(rank, rid, "QUEUED", "ADVERTISED", "ADVERTISE"),
+                  transition(rank, rid, "ADVERTISED", "IN_FLIGHT", "POSTED"),
+                  transition(rank, rid, "IN_FLIGHT", "QUARANTINED", "EXPIRE",
+                             "transfer_timeout")]
+    lines.append(health(rank, False, len(request_ids), "quarantine_budget_exceeded"))
+    lines += [transition(rank, rid, "QUARANTINED", "FAILED", "QUIESCED", "transfer_timeout")
+              for rid in request_ids]
+    lines.append(health(rank, True, 0))
+    return lines
+
+
+@pytest.mark.timeout(60)
+def test_analyze_host_stall_early_free_and_late_write(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = site_of("MARK-host-wait", "naive_poll")
+    write_lines(log_dir, [
+        injected(0, "req-a"),
+        stalled(1, "req-a", site),
+        host_free(1, "req-b", [4], pending=False),  # its receive had finished: fine
+        host_free(1, "req-a", [3, 5], pending=True),
+        (1, "error", "host.poisoned", {"block_ids": [3], "owner": "next",
+                                       "error": "PoisonError: freed blocks [3] were written"}),
+        host_free(0, "req-a", [7], pending=False),
+    ])
+    report = analyze(load_logs(log_dir))
+    (stall,) = report.stalls
+    assert (stall.rank, stall.request_id, stall.call, stall.site) == (
+        1, "req-a", "wait() on req-a's recv", site)
+    (early,) = report.early_frees
+    assert (early.rank, early.request_id, early.block_ids) == (1, "req-a", (3, 5))
+    (late,) = report.late_writes
+    assert (late.rank, late.block_ids, late.freed_by) == (1, (3,), ("req-a",))
+    # The injected fault does not excuse the host's own mistakes.
+    assert report.problems == (
+        f"rank 1: host loop stalled in wait() on req-a's recv at {site} (still inside it "
+        "after the 1 s watchdog bound)",
+        "rank 1: blocks [3, 5] of req-a freed while its transfer was still pending (the "
+        "transport may still read or write them)",
+        "rank 1: late write into freed blocks [3], caught by the pool's poison check (freed "
+        "early by req-a)",
+    )
+    assert report.expected == ("fault injected on rank 0: wedged req-a (peer 1): the link "
+                               "holds this request's send",)
+    timeline = analyze(load_logs(log_dir), request_id="req-a").timeline
+    assert [(entry.rank, entry.event) for entry in timeline] == [
+        (0, "fault.injected"), (1, "host.stalled"), (1, "host.free"), (0, "host.free")]
+    assert "with its transfer still pending" in timeline[2].detail
+
+    code, out = run_analyze(capsys, str(log_dir))
+    assert code == 1 and site in out and "late write into freed blocks [3]" in out
+
+
+def naive_poll(handles: list[Any]) -> None:
+    """Where the stall's site points (the test only names this line)."""
+    for handle in handles:
+        handle.wait()  # MARK-host-wait
+
+
+@pytest.mark.timeout(60)
+def test_analyze_injected_fault_explains_quarantines_failures_and_recovered_health(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lines(log_dir, [*wedged_and_recovered(0, ["req-a", "req-b"]),
+                          transition(1, "req-c", "QUEUED", "ADVERTISED", "ADVERTISE"),
+                          transition(1, "req-c", "ADVERTISED", "IN_FLIGHT", "POSTED"),
+                          transition(1, "req-c", "IN_FLIGHT", "COMPLETE", "COMPLETED")])
+    report = analyze(load_logs(log_dir))
+    assert report.problems == ()
+    assert [(f.rank, f.request_id) for f in report.injected_faults] == [(0, "req-a"),
+                                                                        (0, "req-b")]
+    assert len(report.quarantines) == 2 and len(report.failed_sessions) == 2
+    assert report.expected[2:] == (
+        "2 session(s) failed, of the injected fault's request(s) req-a, req-b",
+        "2 quarantine(s), of the injected fault's request(s) req-a, req-b",
+        "engine unhealthy on rank(s) 0 over the injected fault's quarantines, healthy again "
+        "by the end",
+    )
+    code, out = run_analyze(capsys, str(log_dir))
+    assert code == 0 and "No problems found" in out
+    assert "Expected (explained by injected faults)" in out and "req-b" in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("extra", "drop_recovery", "problems"),
+    [
+        # A quarantine of a request the fault did not hit is a problem, and so is the
+        # unhealthy spell it shares with the injected ones.
+        ([transition(0, "req-z", "IN_FLIGHT", "QUARANTINED", "EXPIRE", "transfer_timeout")],
+         False, ("1 quarantine(s)", "engine unhealthy on rank(s) 0")),
+        # Health that never came back.
+        ([], True, ("engine unhealthy on rank(s) 0",)),
+        # A restart is never expected.
+        ([health(0, False, 2, "quarantine_budget_exceeded", restart=True), health(0, True, 0)],
+         False, ("restart requested on rank(s) 0",)),
+        # Unhealthy for another reason than the fault's quarantines.
+        ([health(0, False, 0, "no_progress"), health(0, True, 0)], False,
+         ("engine unhealthy on rank(s) 0",)),
+        # A failure of a request the fault did not hit.
+        ([transition(0, "req-z", "IN_FLIGHT", "FAILED", "HANDLE_FAILED", "transport_error")],
+         False, ("1 session(s) failed",)),
+    ],
+    ids=["other-quarantine", "never-recovered", "restart", "no-progress", "other-failure"],
+)
+def test_analyze_injected_fault_explains_nothing_else(
+    log_dir: Path, extra: list[Any], drop_recovery: bool, problems: tuple[str, ...]
+) -> None:
+    lines = wedged_and_recovered(0, ["req-a", "req-b"])
+    if drop_recovery:
+        lines = lines[:-1]
+    write_lines(log_dir, [*lines, *extra])
+    report = analyze(load_logs(log_dir))
+    assert set(problems) <= set(report.problems), report.problems
+    assert report.expected[:2] == tuple(
+        f"fault injected on rank 0: wedged {rid} (peer 1): the link holds this request's send"
+        for rid in ("req-a", "req-b"))

@@ -8,8 +8,8 @@ that ranks can be digested in parallel worker processes and only the digest trav
   cancels, blocks never released, health changes, the asked-for request's timeline).
 - The engine's own troubles: each ``engine.tp_failed`` line, and per engine warning
   (``control.rejected`` ...) a count and the first few lines in a few words.
-- The rare collective lines (``collective.desync``, ``collective.timeout``) as they are, and
-  so the lines of a host's own code (``HOST_EVENTS``: its stalls, frees, poison hits, and
+- The rare collective lines (``collective.desync``, ``collective.timeout``) as they are, as
+  are the lines of a host's own code (``HOST_EVENTS``: its stalls, frees, poison hits, and
   the faults the run injected).
 """
 

@@ -1,5 +1,6 @@
-"""The log schema: every event kvhandoff's runtime writes, each of its keys, their types and
-meaning. This module is the one place they are written down:
+"""The log schema: every event kvhandoff writes (its runtime, and the host code of its
+scenarios: component ``host``), each of its keys, their types and meaning. This module is
+the one place they are written down:
 
 - the analyzer's decoders are built from it (``kvhandoff.analysis._reader``);
 - docs/log-schema.md is rendered from it (``python -m kvhandoff.analysis.schema``, which

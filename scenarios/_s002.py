@@ -3,34 +3,36 @@ and a host that frees KV blocks while the transfer is still in flight.
 
 Four ranks: prefill ranks 0 and 1 each send ``REQUESTS`` requests to decode ranks 2 and 3
 (0 -> 2 and 1 -> 3, two links), over in-process loopback endpoints (embedded) or the real
-``MPITransport`` between the processes of ``mpiexec -n 4``. The seed picks one link and one
-request on it whose data operation the link wedges (``WedgedTransport`` on the prefill side:
-the send is held back, not posted, until the link recovers, so its bytes move late). The
-prefill rank logs the fault it injected (``fault.injected``). Cross-rank steps of the story
-(every host has freed; the link recovers) are ordered by a barrier of the scenario's own.
+``MPITransport`` between the processes of ``mpiexec -n 4``. The seed picks one link and two
+consecutive requests on it whose data operations the link wedges (``WedgedTransport`` on the
+prefill side: the sends are held back, not posted, until the link recovers, so their bytes
+move late); the prefill rank logs each fault it injected (``fault.injected``). The steps of
+the story that span ranks (every end posted; every host freed; the link recovered) are
+ordered by a barrier of the scenario's own, never by sleeping.
 
 Unsafe (written here, no engine): each host's status poll calls ``wait()`` on each transfer
 in turn, like ``future.get()`` on an unready future. On the wedged link both ends freeze on
-the stuck request while the later ones already finished; the other link's ranks report
-everything. After ``BOUND_S`` each host's watchdog logs where its loop is stuck
-(``host.stalled``: the call and the site, from the poll thread's own stack) and the naive
-timeout path frees every unreported request's blocks at once (``host.free``, ``pending``
-when its operation was not final); the prefill host hands the freed blocks to its next
-request at once and writes that request's KV into them. Then the link recovers: the held
-send is posted for real and carries the reused block's bytes into the decode block freed
-under it - a real write, by the transport, into memory the decode host no longer owns. The
-decode host's next allocation runs the pool's poison check (``BlockPool(debug=True)``),
-which raises ``PoisonError`` naming that block (logged as ``host.poisoned``).
+the first stuck request while the later ones already finished; the other link's ranks
+report everything. After ``BOUND_S`` each host's watchdog logs where its loop is stuck
+(``host.stalled``: the call and the site, read from the poll thread's own stack), and the
+naive timeout path frees every request's blocks at once (``host.free``, ``pending`` when its
+operation was not final); the prefill host hands the freed blocks to its next requests at
+once and writes their KV into them. Then the link recovers: the held sends are posted for
+real and carry the reused blocks' bytes into the decode blocks freed under them - a real
+write, by the transport, into memory the decode host no longer owns. The decode host's next
+allocation runs the pool's poison check (``BlockPool(debug=True)``), which raises
+``PoisonError`` naming those blocks (logged as ``host.poisoned``), and a byte check finds
+the sender's next requests' KV in them.
 
 Safe (``TransferEngine`` on every rank): the other transfers on both links complete while
-the stuck one is wedged; its ``wait()`` raises within the transfer timeout on both ends
-(``TransferTimeout`` on one, no freeze); the sender's session is quarantined, so the host's
-free of its blocks is deferred while the transport may still read them; health reports the
-quarantine (a budget of 0) and recovers once the link recovers and the deferred free is
-released; the decode block was never written after its free; no engine ever asks for a
-restart. ``kvhandoff analyze`` finds the stalls, the early frees and the late write in the
-unsafe logs (exit 1) and only the injected fault's consequences, as expected, in the safe
-logs (exit 0).
+two are wedged; each stuck ``wait()`` raises within the transfer timeout on both ends
+(``TransferTimeout`` on one, no freeze); the sender's sessions are quarantined, so the host's
+free of their blocks is deferred while the transport may still read them; two quarantines
+over a budget of 1 make the sender unhealthy, and it recovers once the link recovers and the
+deferred frees are released; the decode blocks were never written after their free; no
+engine ever asks for a restart. ``kvhandoff analyze`` finds the stalls, the early frees and
+the late write in the unsafe logs (exit 1), and in the safe logs only the injected fault and
+what it explains (exit 0).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from kvhandoff.scenarios._runner import (
     WORLD,
     Outcome,
     Verdict,
+    _wait_polling,
     describe,
     exc_outcome,
     hung_lines,
@@ -168,9 +171,7 @@ class _MPIBarrier:
         self._comm = comm
 
     def wait(self) -> None:
-        request = self._comm.Ibarrier()
-        while not request.Test():
-            time.sleep(0.001)
+        _wait_polling(self._comm.Ibarrier())
 
     async def arrive(self) -> None:
         import anyio

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--unsafe", action="store_true",
                       help="run the loop without kvhandoff's checks: show the symptom")
     mode.add_argument("--fixed", action="store_true", help="run only the fixed pattern")
-    parser.add_argument("--seed", type=int, default=0, help="which ranks diverge, and when")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which ranks diverge, and when (002: which link wedges which "
+                             "requests)")
     parser.add_argument("--backend", choices=("embedded", "mpi"), default=None,
                         help="in-process ranks, or this process's rank of mpiexec -n 4 "
                              "(default: mpi when started by mpiexec)")

@@ -77,12 +77,14 @@ def test_cuda_host_side_compiles_against_torch_headers(tmp_path: Path) -> None:
     includes = [f"-I{p}" for p in include_paths()]
     includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{shim}", f"-I{cuda_include}",
                  f"-I{CSRC}"]
-    result = subprocess.run(
-        [cxx, "-std=c++20", "-fsyntax-only", "-DKVHANDOFF_WITH_CUDA", *includes,
-         str(CSRC / "block_copy_cuda_host.cpp")],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # The binding too: its KVHANDOFF_WITH_CUDA branches call into the host side.
+    for source in ("block_copy_cuda_host.cpp", "block_copy.cpp"):
+        result = subprocess.run(
+            [cxx, "-std=c++20", "-fsyntax-only", "-DKVHANDOFF_WITH_CUDA",
+             "-DTORCH_EXTENSION_NAME=kvhandoff_check", *includes, str(CSRC / source)],
+            capture_output=True, text=True, timeout=240,
+        )
+        assert result.returncode == 0, source + "\n" + result.stdout + result.stderr
 
 
 # -- on a GPU -----------------------------------------------------------------------------

@@ -29,6 +29,19 @@ constexpr int64_t kGrainBytes = 128 * 1024;
 // (tensor, block) pairs to give every thread several tasks (few, large blocks).
 constexpr int64_t kMinChunkBytes = 64 * 1024;
 constexpr int64_t kTasksPerThread = 4;
+// Small blocks scattered over a large pool cost a cache (and often TLB) miss each, which a
+// plain loop takes one at a time: the loops prefetch this many blocks/regions ahead, up to
+// kPrefetchBytes of each, so several misses are in flight while one block is copied.
+constexpr int64_t kPrefetchAhead = 8;
+constexpr int64_t kPrefetchBytes = 512;
+
+inline void prefetch(const char* src, char* dst, int64_t nbytes) {
+  const int64_t n = std::min(nbytes, kPrefetchBytes);
+  for (int64_t off = 0; off < n; off += 64) {
+    __builtin_prefetch(src + off, 0);
+    __builtin_prefetch(dst + off, 1);
+  }
+}
 
 struct Plan {
   std::vector<char*> bases;  // base address of every tensor
@@ -135,7 +148,26 @@ void copy_pairs_cpu(int64_t num_tensors, int64_t num_ids, int64_t block_nbytes,
       int64_t t = begin / num_ids;
       int64_t j = begin % num_ids;
       const size_t len = static_cast<size_t>(block_nbytes);
+      // (ta, ja) runs kPrefetchAhead pairs ahead of (t, j), within this task's range.
+      int64_t ta = t;
+      int64_t ja = j;
+      const int64_t ahead_end = std::min(end, begin + kPrefetchAhead);
+      for (int64_t pair = begin; pair < ahead_end; ++pair) {
+        if (++ja == num_ids) {
+          ja = 0;
+          ++ta;
+        }
+      }
+      const bool small = block_nbytes <= kPrefetchBytes;
       for (int64_t pair = begin; pair < end; ++pair) {
+        if (small && pair + kPrefetchAhead < end) {
+          const auto [dst_ahead, src_ahead] = locate(ta, ja, pair + kPrefetchAhead);
+          prefetch(src_ahead, dst_ahead, block_nbytes);
+          if (++ja == num_ids) {
+            ja = 0;
+            ++ta;
+          }
+        }
         const auto [dst, src] = locate(t, j, pair);
         std::memcpy(dst, src, len);
         if (++j == num_ids) {
@@ -268,6 +300,20 @@ RegionSide check_side(const at::Tensor& addresses, const at::Tensor& lengths) {
   return side;
 }
 
+// Prefetches the first kPrefetchBytes of region k of `side`, for reading or (write) writing.
+inline void prefetch_region(const RegionSide& side, size_t k, int write) {
+  const char* address = reinterpret_cast<const char*>(side.addresses[k]);
+  const int64_t nbytes = side.ends[k] - (k == 0 ? 0 : side.ends[k - 1]);
+  const int64_t n = std::min(nbytes, kPrefetchBytes);
+  for (int64_t off = 0; off < n; off += 64) {
+    if (write) {
+      __builtin_prefetch(address + off, 1);
+    } else {
+      __builtin_prefetch(address + off, 0);
+    }
+  }
+}
+
 int64_t total_of(const RegionSide& side) { return side.ends.empty() ? 0 : side.ends.back(); }
 
 // Calls piece(dst, src, nbytes) for every maximal run of stream bytes [lo, hi) that lies in
@@ -292,8 +338,14 @@ void walk_pieces(const RegionSide& src, const RegionSide& dst, int64_t lo, int64
     }
     pos = end;
     // Empty regions end where they start: these loops step over them too.
-    while (i < src.ends.size() && src.ends[i] <= pos) ++i;
-    while (j < dst.ends.size() && dst.ends[j] <= pos) ++j;
+    while (i < src.ends.size() && src.ends[i] <= pos) {
+      ++i;
+      if (i + kPrefetchAhead < src.ends.size()) prefetch_region(src, i + kPrefetchAhead, 0);
+    }
+    while (j < dst.ends.size() && dst.ends[j] <= pos) {
+      ++j;
+      if (j + kPrefetchAhead < dst.ends.size()) prefetch_region(dst, j + kPrefetchAhead, 1);
+    }
   }
 }
 
@@ -301,7 +353,8 @@ void walk_pieces(const RegionSide& src, const RegionSide& dst, int64_t lo, int64
 // lists as int64 address/length arrays; the Python side checked that every region lies in a
 // tensor it keeps alive, that the totals match and that the sides do not overlap). CPU: the
 // stream is cut into equal byte ranges, one parallel task each, so a thread's share is the
-// same whatever the regions' sizes. GPU: one kernel over the list of pieces.
+// same whatever the regions' sizes (or, when both sides have the very same region lengths,
+// region k to region k with no merge). GPU: one kernel over the list of pieces.
 void copy_regions(const at::Tensor& src_addresses, const at::Tensor& src_lengths,
                   const at::Tensor& dst_addresses, const at::Tensor& dst_lengths,
                   c10::Device device) {
@@ -311,6 +364,29 @@ void copy_regions(const at::Tensor& src_addresses, const at::Tensor& src_lengths
   TORCH_CHECK(total == total_of(dst), "the two sides hold different numbers of bytes");
   if (total == 0) return;
   if (device.is_cpu()) {
+    const int64_t n = src_lengths.numel();
+    const int64_t* lengths = src_lengths.data_ptr<int64_t>();
+    // Only with enough regions to share out; a few long ones go by equal byte ranges below.
+    if (n == dst_lengths.numel() && n >= kTasksPerThread * at::get_num_threads() &&
+        std::memcmp(lengths, dst_lengths.data_ptr<int64_t>(), n * sizeof(int64_t)) == 0) {
+      // The two sides cut the stream at the same places (block to block between pools of one
+      // form): region k copies to region k, with no merge, prefetching ahead as
+      // copy_pairs_cpu does.
+      const int64_t grain = std::max<int64_t>(1, kGrainBytes * n / total);
+      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          if (k + kPrefetchAhead < end) {
+            prefetch(reinterpret_cast<const char*>(src.addresses[k + kPrefetchAhead]),
+                     reinterpret_cast<char*>(dst.addresses[k + kPrefetchAhead]),
+                     lengths[k + kPrefetchAhead]);
+          }
+          std::memcpy(reinterpret_cast<char*>(dst.addresses[k]),
+                      reinterpret_cast<const char*>(src.addresses[k]),
+                      static_cast<size_t>(lengths[k]));
+        }
+      });
+      return;
+    }
     at::parallel_for(0, total, kGrainBytes, [&](int64_t begin, int64_t end) {
       walk_pieces(src, dst, begin, end, [](char* d, const char* s, int64_t n) {
         std::memcpy(d, s, static_cast<size_t>(n));

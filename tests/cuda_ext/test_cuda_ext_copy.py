@@ -358,3 +358,20 @@ def test_copy_errors_pickle_with_their_data() -> None:
         clone = pickle.loads(pickle.dumps(error))
         assert type(clone) is type(error) and str(clone) == str(error)
         assert vars(clone) == vars(error)
+
+
+@pytest.mark.parametrize("n_ids", [1, 3, 40])
+def test_copy_regions_with_the_same_cuts_on_both_sides(
+        impl: tuple[CopyBlocks, CopyRegions], n_ids: int) -> None:
+    """Scattered ids on both sides of pools of one form: region k goes to region k (the
+    kernel's path without a merge when there are enough regions to share out)."""
+    _, copy_regions = impl
+    source = random_layers(6, 100, (7, 3), torch.float8_e4m3fn if hasattr(
+        torch, "float8_e4m3fn") else torch.int8, seed=60)
+    target = random_layers(6, 100, (7, 3), source[0].dtype, seed=61)
+    src_ids, dst_ids = list(range(0, 2 * n_ids, 2)), list(range(99, 99 - 2 * n_ids, -2))
+    src, dst = block_regions(source, src_ids), block_regions(target, dst_ids)
+    assert np.array_equal(src.lengths, dst.lengths) and len(src) == 6 * n_ids
+    want = spelled_out(source, src_ids, target, dst_ids)
+    copy_regions(src, dst)
+    assert_same_bytes(target, want)

@@ -252,16 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_block_copy {datetime.date.today()} | {platform.machine()} | "
           f"{torch.get_num_threads()} torch threads | Python {platform.python_version()} | "
           f"torch {torch.__version__}")
-    devices = []
-    if args.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if args.device in ("cuda", "all"):
-        if torch.cuda.is_available():
+    for name in ("cpu", "cuda"):
+        if args.device not in (name, "all"):
+            continue
+        if name == "cuda":
+            if not torch.cuda.is_available():
+                print("\n## cuda: skipped (torch sees no GPU)")
+                continue
             print(f"GPU: {torch.cuda.get_device_name()}")
-            devices.append(torch.device("cuda"))
-        else:
-            print("\n## cuda: skipped (torch sees no GPU)")
-    for device in devices:
+        device = torch.device(name)
         if args.part in ("packed", "all"):
             report(device, cases_for(args.quick), args.rounds)
         if args.part in ("blocks", "all"):

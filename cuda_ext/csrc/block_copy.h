@@ -39,7 +39,8 @@ const char* kvhandoff_block_between_cuda(const int64_t* table, int64_t num_tenso
 //
 //   pieces        device memory, int64[3 * num_pieces]: (destination address, source
 //                 address, nbytes) of each copy; the copies must not overlap
-//   Each piece picks the widest access its own two addresses and size are aligned to.
+//   One warp per piece; each piece picks the widest access its own two addresses and size are
+//   aligned to.
 const char* kvhandoff_piece_copy_cuda(const int64_t* pieces, int64_t num_pieces,
                                       void* stream);
 

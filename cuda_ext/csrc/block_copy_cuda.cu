@@ -18,14 +18,17 @@ constexpr int kMaxThreads = 256;
 constexpr int kMinThreads = 64;
 // gridDim.y is limited to 65535; more tensors than this stride over blockIdx.y.
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kWarp = 32;
+// The piece kernel's CTA: this many warps, one piece each at a time.
+constexpr int kPieceWarps = 8;
 
-// The CTA's threads copy vectors [begin, end) from src to dst, each thread issuing kUnroll
-// loads before the matching stores.
+// `step` threads (the CTA, or one warp), this one being number `lane`, copy vectors
+// [begin, end) from src to dst, each thread issuing kUnroll loads before the matching stores.
 template <typename VecT>
 __device__ __forceinline__ void copy_range(const VecT* __restrict__ src, VecT* __restrict__ dst,
-                                           int64_t begin, int64_t end) {
-  const int64_t step = blockDim.x;
-  for (int64_t base = begin + threadIdx.x; base < end; base += step * kUnroll) {
+                                           int64_t begin, int64_t end, int64_t lane,
+                                           int64_t step) {
+  for (int64_t base = begin + lane; base < end; base += step * kUnroll) {
     VecT v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -62,7 +65,7 @@ __global__ void block_copy_kernel(const int64_t* __restrict__ table, int64_t num
   for (int64_t t = blockIdx.y; t < num_tensors; t += gridDim.y) {
     VecT* pool = reinterpret_cast<VecT*>(table[t]) + block_id * block_vecs;
     VecT* pack = reinterpret_cast<VecT*>(packed) + (t * num_ids + j) * block_vecs;
-    copy_range(gather ? pool : pack, gather ? pack : pool, begin, end);
+    copy_range(gather ? pool : pack, gather ? pack : pool, begin, end, threadIdx.x, blockDim.x);
   }
 }
 
@@ -81,36 +84,42 @@ __global__ void block_between_kernel(const int64_t* __restrict__ table, int64_t 
   for (int64_t t = blockIdx.y; t < num_tensors; t += gridDim.y) {
     const VecT* src = reinterpret_cast<const VecT*>(table[t]) + src_id * block_vecs;
     VecT* dst = reinterpret_cast<VecT*>(table[num_tensors + t]) + dst_id * block_vecs;
-    copy_range(src, dst, begin, end);
+    copy_range(src, dst, begin, end, threadIdx.x, blockDim.x);
   }
 }
 
 template <typename VecT>
-__device__ void copy_piece(const char* src, char* dst, int64_t nbytes) {
+__device__ void copy_piece(const char* src, char* dst, int64_t nbytes, int64_t lane) {
   copy_range(reinterpret_cast<const VecT*>(src), reinterpret_cast<VecT*>(dst), 0,
-             nbytes / static_cast<int64_t>(sizeof(VecT)));
+             nbytes / static_cast<int64_t>(sizeof(VecT)), lane, kWarp);
 }
 
-// One CTA per piece (the host cuts pieces to at most kChunkBytes, so CTAs stay balanced),
-// striding when there are more pieces than CTAs. Each piece takes the widest access its two
-// addresses and its size allow: the choice is uniform across the CTA, so no thread diverges.
+// One warp per piece, kPieceWarps warps per CTA, the grid striding when there are more
+// pieces than warps. A warp, not a CTA, because region copies of small blocks are mostly
+// pieces of a few hundred bytes (a 256-byte piece is 16 vectors: a CTA of 256 threads would
+// leave 240 idle); the host cuts pieces to at most kPieceBytes so no warp is left with a long
+// tail. Each piece takes the widest access its two addresses and its size allow: the choice
+// is uniform across the warp, so no lane diverges.
 __global__ void piece_copy_kernel(const int64_t* __restrict__ pieces, int64_t num_pieces) {
-  for (int64_t p = blockIdx.x; p < num_pieces; p += gridDim.x) {
+  const int64_t lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t p = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; p < num_pieces;
+       p += warps) {
     char* dst = reinterpret_cast<char*>(pieces[3 * p]);
     const char* src = reinterpret_cast<const char*>(pieces[3 * p + 1]);
     const int64_t nbytes = pieces[3 * p + 2];
     const uint64_t mixed = reinterpret_cast<uint64_t>(dst) | reinterpret_cast<uint64_t>(src) |
                            static_cast<uint64_t>(nbytes);
     if ((mixed & 15) == 0) {
-      copy_piece<uint4>(src, dst, nbytes);
+      copy_piece<uint4>(src, dst, nbytes, lane);
     } else if ((mixed & 7) == 0) {
-      copy_piece<uint2>(src, dst, nbytes);
+      copy_piece<uint2>(src, dst, nbytes, lane);
     } else if ((mixed & 3) == 0) {
-      copy_piece<uint32_t>(src, dst, nbytes);
+      copy_piece<uint32_t>(src, dst, nbytes, lane);
     } else if ((mixed & 1) == 0) {
-      copy_piece<uint16_t>(src, dst, nbytes);
+      copy_piece<uint16_t>(src, dst, nbytes, lane);
     } else {
-      copy_piece<uint8_t>(src, dst, nbytes);
+      copy_piece<uint8_t>(src, dst, nbytes, lane);
     }
   }
 }
@@ -207,10 +216,11 @@ extern "C" const char* kvhandoff_block_between_cuda(const int64_t* table, int64_
 extern "C" const char* kvhandoff_piece_copy_cuda(const int64_t* pieces, int64_t num_pieces,
                                                  void* stream) {
   if (num_pieces <= 0) return nullptr;
-  // Pieces are at most kChunkBytes: kMaxThreads threads of kUnroll 16-byte vectors cover one
-  // in a few passes; the grid strides beyond 2^20 pieces.
-  const int64_t grid = num_pieces < (1 << 20) ? num_pieces : (1 << 20);
-  piece_copy_kernel<<<static_cast<unsigned>(grid), kMaxThreads, 0,
+  // One warp per piece; beyond 2^20 CTAs (8 Mi pieces at once) the warps stride.
+  int64_t grid = (num_pieces + kPieceWarps - 1) / kPieceWarps;
+  grid = grid < (1 << 20) ? grid : (1 << 20);
+  const auto threads = static_cast<unsigned>(kPieceWarps * kWarp);
+  piece_copy_kernel<<<static_cast<unsigned>(grid), threads, 0,
                       static_cast<cudaStream_t>(stream)>>>(pieces, num_pieces);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

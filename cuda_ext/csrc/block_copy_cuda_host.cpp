@@ -37,9 +37,9 @@ cudaStream_t current_stream(c10::Device device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-// A CTA of the piece kernel copies at most this much, so one long region (a run of adjacent
-// blocks) spreads over many SMs; it matches kChunkBytes of block_copy_cuda.cu.
-constexpr int64_t kPieceBytes = 64 * 1024;
+// A warp of the piece kernel copies at most this much, so one long region (a run of adjacent
+// blocks) spreads over many SMs and no warp is left alone with a long tail.
+constexpr int64_t kPieceBytes = 16 * 1024;
 
 }  // namespace
 

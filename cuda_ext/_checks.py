@@ -281,7 +281,7 @@ def owner_spans(regions: RegionList, side: str) -> tuple[list[tuple[int, int]], 
         # The common case (every layer a view of one pool allocation): two reductions.
         start, end = spans[0][0], spans[0][0] + spans[0][1]
         if int(addresses.min()) >= start and int((addresses + lengths).max()) <= end:
-            return spans, np.zeros(addresses.size, dtype=np.int64)
+            return spans, np.broadcast_to(np.int64(0), addresses.shape)  # no allocation
     starts = np.array([s for s, _ in spans] or [0], dtype=np.uint64)
     ends = np.array([s + n for s, n in spans] or [0], dtype=np.uint64)
     found = np.searchsorted(starts, addresses, side="right").astype(np.int64) - 1

@@ -100,20 +100,25 @@ class _Hub:
         # Both are still pending here, so both still hold their byte views or regions.
         source = cast(torch.Tensor | Regions, send._buffer)
         target = cast(torch.Tensor | Regions, recv._buffer)
-        if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor):
-            target.copy_(source)
-        else:
-            try:
+        try:
+            if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor):
+                target.copy_(source)
+            else:
                 cuda_ext.copy_regions(_as_regions(source), _as_regions(target))
-            except cuda_ext.BlockCopyError as exc:
-                # Raised before any byte moved (e.g. the two sides overlap): like a size
-                # mismatch, both operations fail and neither side's memory is written.
-                reason = f"region copy refused: {exc}"
-                send._finish(HandleState.FAILED, reason)
-                recv._finish(HandleState.FAILED, reason)
-                return
-        send._finish(HandleState.DONE)
-        recv._finish(HandleState.DONE)
+        except cuda_ext.BlockCopyError as exc:
+            # Raised before any byte moved (e.g. the two sides overlap): like a size
+            # mismatch, both operations fail and neither side's memory is written.
+            reason = f"region copy refused: {exc}"
+        except Exception as exc:  # a failed copy (a kernel launch...) still ends both ops
+            reason = f"copy failed: {exc!r}"
+        else:
+            send._finish(HandleState.DONE)
+            recv._finish(HandleState.DONE)
+            return
+        # Matched handles cannot be cancelled: a failure must make them final here, or
+        # their owners would wait for them forever.
+        send._finish(HandleState.FAILED, reason)
+        recv._finish(HandleState.FAILED, reason)
 
     def cancel(self, handle: _LoopbackHandle, reason: str) -> bool:
         with self.lock:

@@ -475,3 +475,22 @@ def test_loopback_region_ops_cancel_and_close_like_buffer_ops() -> None:
     a.close()
     assert pending.state is HandleState.FAILED and pending.error == "peer 0 closed"
     assert all(torch.equal(t.view(torch.uint8), b) for t, b in zip(target, before, strict=True))
+
+
+def test_loopback_failed_copy_still_ends_both_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that fails at run time (a kernel launch, say) must not leave two matched,
+    uncancellable operations pending forever."""
+    from kvhandoff import cuda_ext
+    from kvhandoff.engine.transports import block_regions
+
+    def broken(src: object, dst: object) -> None:
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(cuda_ext, "copy_regions", broken)
+    a, b = LoopbackTransport.pair()
+    layers = _pool(4, 2, seed=12)
+    recv = b.post_recv(torch.zeros(block_regions(layers, [1]).nbytes, dtype=torch.uint8), 0, 9)
+    send = a.post_send_regions(block_regions(layers, [1]), 1, 9)
+    assert send.state is HandleState.FAILED and recv.state is HandleState.FAILED
+    assert send.error is not None and "launch failed" in send.error
+    assert a.poll() == [send] and b.poll() == [recv]

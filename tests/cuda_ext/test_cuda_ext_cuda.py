@@ -77,12 +77,14 @@ def test_cuda_host_side_compiles_against_torch_headers(tmp_path: Path) -> None:
     includes = [f"-I{p}" for p in include_paths()]
     includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{shim}", f"-I{cuda_include}",
                  f"-I{CSRC}"]
-    result = subprocess.run(
-        [cxx, "-std=c++20", "-fsyntax-only", "-DKVHANDOFF_WITH_CUDA", *includes,
-         str(CSRC / "block_copy_cuda_host.cpp")],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # The binding too: its KVHANDOFF_WITH_CUDA branches call into the host side.
+    for source in ("block_copy_cuda_host.cpp", "block_copy.cpp"):
+        result = subprocess.run(
+            [cxx, "-std=c++20", "-fsyntax-only", "-DKVHANDOFF_WITH_CUDA",
+             "-DTORCH_EXTENSION_NAME=kvhandoff_check", *includes, str(CSRC / source)],
+            capture_output=True, text=True, timeout=240,
+        )
+        assert result.returncode == 0, source + "\n" + result.stdout + result.stderr
 
 
 # -- on a GPU -----------------------------------------------------------------------------
@@ -128,10 +130,11 @@ def test_cuda_gather_scatter_match_reference(
     for poison in (0x00, 0xFF):
         backing = torch.full((out_offset + nbytes + 16,), poison, dtype=torch.uint8,
                              device="cuda")
-        out = backing[out_offset:]
+        out = backing[out_offset:out_offset + nbytes]
         used = cuda_ext.gather(layers, ids, out)
         assert used.numel() == nbytes and torch.equal(used, expected)
-        assert bool((out[nbytes:] == poison).all()) and bool((backing[:out_offset] == poison).all())
+        assert bool((backing[out_offset + nbytes:] == poison).all())
+        assert bool((backing[:out_offset] == poison).all())
         target = [torch.full_like(layer.view(torch.uint8), poison).view(dtype)
                   for layer in layers]
         reference = [t.clone() for t in target]
@@ -301,3 +304,112 @@ def test_cuda_pool_takes_cpu_block_tables_of_any_int_dtype(cuda_backend: None) -
         assert torch.equal(cuda_ext.gather(layers, table, out), expected)
     with pytest.raises(InvalidBlockIdsError):
         cuda_ext.gather(layers, torch.tensor(ids, device="cuda"), out)
+
+
+# -- block to block: copy_blocks and copy_regions on a GPU ----------------------------------
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("n_layers", "num_blocks", "block_shape", "n_ids"),
+    [
+        (16, 64, (16, 8, 128), 20),  # 32 KiB tensor blocks: 16-byte vectors
+        (16, 512, (128,), 300),  # 256 B tensor blocks (at fp16): many small CTAs
+        (3, 11, (3, 5, 1), 7),  # odd block bytes (15 B at fp8): narrow accesses
+        (2, 3, (300_001,), 2),  # blocks bigger than one CTA's chunk
+    ],
+)
+def test_cuda_copy_blocks_and_regions_match_reference(
+    cuda_backend: None, dtype: torch.dtype, n_layers: int, num_blocks: int,
+    block_shape: tuple[int, ...], n_ids: int,
+) -> None:
+    from kvhandoff.cuda_ext import copy_blocks_ref
+    from kvhandoff.engine.transports import block_regions
+
+    pool = random_pool(n_layers, num_blocks, block_shape, dtype, seed=n_ids)
+    source = list(pool.unbind(0))
+    generator = torch.Generator().manual_seed(8)
+    src_ids = torch.randint(0, num_blocks, (n_ids,), generator=generator)  # repeats allowed
+    dst_ids = torch.randperm(num_blocks, generator=generator)[:n_ids]
+    for poison in (0x00, 0xFF):
+        targets = [torch.full_like(pool.view(torch.uint8), poison).view(dtype)
+                   for _ in range(3)]
+        want, got_blocks, got_regions = (list(t.unbind(0)) for t in targets)
+        copy_blocks_ref(source, src_ids, want, dst_ids)
+        cuda_ext.copy_blocks(source, src_ids, got_blocks, dst_ids)
+        cuda_ext.copy_regions(block_regions(source, src_ids.tolist()),
+                              block_regions(got_regions, dst_ids.tolist()))
+        torch.cuda.synchronize()
+        assert torch.equal(targets[1].view(torch.uint8), targets[0].view(torch.uint8))
+        assert torch.equal(targets[2].view(torch.uint8), targets[0].view(torch.uint8))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_copy_regions_cut_at_different_places_and_to_a_buffer(cuda_backend: None) -> None:
+    """Regions of one side split mid-block (Regions.split) against whole blocks on the
+    other, and a region send into one contiguous buffer: the same bytes as the reference."""
+    import numpy as np
+    from kvhandoff.cuda_ext import copy_regions_ref
+    from kvhandoff.engine.transports import Regions, block_regions
+
+    source = list(random_pool(8, 40, (16, 2, 64), torch.bfloat16, seed=4).unbind(0))
+    target = list(torch.zeros_like(torch.stack(source)).unbind(0))
+    reference = list(torch.zeros_like(torch.stack(source)).unbind(0))
+    src_ids, dst_ids = [3, 4, 5, 6, 20, 1], [39, 0, 11, 12, 13, 2]
+    for part_src, part_dst, part_ref in zip(
+            block_regions(source, src_ids).split(3), block_regions(target, dst_ids).split(3),
+            block_regions(reference, dst_ids).split(3), strict=True):
+        cuda_ext.copy_regions(part_src, part_dst)
+        copy_regions_ref(part_src, part_ref)
+    buf = torch.zeros(packed_nbytes(source, len(src_ids)), dtype=torch.uint8, device="cuda")
+    one = Regions(np.array([buf.data_ptr()], dtype=np.uint64),
+                  np.array([buf.numel()], dtype=np.uint64), buf.device, (buf,), buf.numel())
+    cuda_ext.copy_regions(block_regions(source, src_ids), one)
+    torch.cuda.synchronize()
+    for got, want in zip(target, reference, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(buf, gather_ref(source, src_ids, torch.empty_like(buf)))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_copy_blocks_bad_calls_raise_the_cpu_errors(cuda_backend: None) -> None:
+    from kvhandoff.cuda_ext import BlockCopySidesError, OverlappingCopyError
+
+    layers = list(random_pool(4, 6, (8, 16), torch.float16, seed=3).unbind(0))
+    other = list(torch.zeros_like(torch.stack(layers)).unbind(0))
+    before = [t.clone() for t in other]
+    with pytest.raises(BlockCopySidesError) as sides:
+        cuda_ext.copy_blocks(layers, [0], [t.cpu() for t in other], [0])
+    assert sides.value.field == "device"
+    with pytest.raises(BlockIdOutOfRangeError) as out_of_range:
+        cuda_ext.copy_blocks(layers, [0, 6], other, [1, 2])
+    assert out_of_range.value.block_ids == [6]
+    with pytest.raises(DuplicateBlockIdError):
+        cuda_ext.copy_blocks(layers, [0, 1], other, [2, 2])
+    with pytest.raises(BlockCopySidesError):
+        cuda_ext.copy_blocks(layers, [0, 1], other, [2])
+    with pytest.raises(OverlappingCopyError):
+        cuda_ext.copy_blocks(layers, [0, 1], layers, [1, 2])
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(other, before, strict=True))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_loopback_moves_regions_between_gpu_pools(cuda_backend: None) -> None:
+    from kvhandoff.engine.transports import HandleState, LoopbackTransport, block_regions
+
+    source = list(random_pool(16, 64, (16, 8, 128), torch.float16, seed=12).unbind(0))
+    target = list(torch.zeros_like(torch.stack(source)).unbind(0))
+    a, b = LoopbackTransport.pair()
+    src_ids, dst_ids = [5, 6, 7, 60, 1], [0, 33, 34, 35, 9]
+    recv = b.post_recv_regions(block_regions(target, dst_ids), 0, 1)
+    send = a.post_send_regions(block_regions(source, src_ids), 1, 1)
+    assert send.test() is HandleState.DONE and recv.test() is HandleState.DONE
+    torch.cuda.synchronize()
+    for s, d in zip(source, target, strict=True):
+        assert torch.equal(s[src_ids].view(torch.uint8), d[dst_ids].view(torch.uint8))

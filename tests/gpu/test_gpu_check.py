@@ -17,7 +17,8 @@ SCRIPT = Path(__file__).resolve().parent / "gpu_check.py"
 
 # Recorded on the 2-core CPU VM of this project, 2026-12-01:
 # `python benchmarks/bench_block_copy.py --quick --rounds 2 --device all` (CPU figures; the
-# parser reads any device's section the same way).
+# parser reads any device's section the same way); the block-to-block table from
+# `... --part blocks --quick --rounds 2 --device all` of the same day.
 BENCH_OUTPUT = """\
 # bench_block_copy 2026-12-01 | x86_64 | 2 torch threads | Python 3.11.7 | torch 2.13.0+cpu
 
@@ -35,6 +36,13 @@ BENCH_OUTPUT = """\
 | few | 2 x 1 x 8388608 | 16.0 MiB | 25.51 | 21.55 | 1.18 | 0.96 | 7.00 |
 | request | 64 x 16 x 2048 | 2.0 MiB | 32.24 | 51.97 | 0.62 | 4.34 | 20.63 |
 | request | 64 x 4 x 512 | 0.1 MiB | 11.94 | 39.38 | 0.30 | 12.00 | 20.53 |
+
+## cpu block to block: backend 'cpp', best of 2 rounds, ids scattered over pools 4x larger
+| case | blocks x bytes (tensors x bytes) | moved | loopback GB/s | memcpy GB/s \
+| loopback vs memcpy | copy_blocks vs memcpy | loopback vs index ops |
+|---|---|---|---|---|---|---|---|
+| 512 KiB blocks | 32 x 512 KiB (16 x 32768) | 16.0 MiB | 0.99 | 1.15 | 0.86 | 0.92 | 12.98 |
+| 4 KiB blocks | 4096 x 4 KiB (16 x 256) | 16.0 MiB | 0.85 | 1.05 | 0.81 | 1.44 | 7.03 |
 
 ## cuda: skipped (torch sees no GPU)
 """
@@ -147,3 +155,42 @@ def test_gpu_check_summary_lists_machine_checks_figures_and_failures(
     assert "FAILED tests/x.py::test_a" in text and "<details>" in text
     passing = gpu_check.render_summary(machine, checks[:1], None, "2026-12-01")
     assert "**All 1 checks passed** (0 skipped)." in passing and "<details>" not in passing
+
+
+def test_gpu_check_parses_the_block_to_block_table_apart(gpu_check: ModuleType) -> None:
+    blocks = gpu_check.parse_blocks(BENCH_OUTPUT, "cpu")
+    assert (blocks.backend, blocks.skipped, len(blocks.rows)) == ("cpp", None, 2)
+    assert blocks.header.startswith("cpu block to block: backend 'cpp', best of 2 rounds")
+    first = blocks.rows[0]
+    assert (first.case, first.shape, first.moved) == (
+        "512 KiB blocks", "32 x 512 KiB (16 x 32768)", "16.0 MiB")
+    assert first.figures == {"loopback GB/s": 0.99, "memcpy GB/s": 1.15,
+                             "loopback vs memcpy": 0.86, "copy_blocks vs memcpy": 0.92,
+                             "loopback vs index ops": 12.98}
+    assert len(gpu_check.parse_bench(BENCH_OUTPUT, "cpu").rows) == 10  # tables kept apart
+    cuda = gpu_check.parse_blocks(BENCH_OUTPUT, "cuda")
+    assert cuda.rows == [] and cuda.skipped == "skipped (torch sees no GPU)"
+
+
+def test_gpu_check_holds_block_rows_to_their_goal(gpu_check: ModuleType) -> None:
+    blocks = gpu_check.parse_blocks(BENCH_OUTPUT, "cpu")
+    (goal,) = (name for name, *_ in gpu_check.BLOCK_GOALS)
+    checks = {c.name: c for c in gpu_check.bench_checks(blocks, gpu_check.BLOCK_GOALS)}
+    assert checks[goal].status == "pass"  # 0.92 >= 0.9
+    assert "32 x 512 KiB (16 x 32768): 0.92" in checks[goal].detail
+    blocks.rows[0].figures["copy_blocks vs memcpy"] = 0.85
+    assert gpu_check.bench_checks(blocks, gpu_check.BLOCK_GOALS)[0].status == "fail"
+    missing = gpu_check.bench_checks(gpu_check.parse_blocks(BENCH_OUTPUT, "cuda"),
+                                     gpu_check.BLOCK_GOALS)
+    assert [c.status for c in missing] == ["fail"] and "torch sees no GPU" in missing[0].detail
+
+
+def test_gpu_check_summary_shows_both_block_copy_tables(gpu_check: ModuleType) -> None:
+    bench = gpu_check.parse_bench(BENCH_OUTPUT, "cpu")
+    blocks = gpu_check.parse_blocks(BENCH_OUTPUT, "cpu")
+    text = gpu_check.render_summary({"GPU": "none"}, [], bench, "2026-12-01", blocks)
+    assert "| case | shape | moved | loopback GB/s | memcpy GB/s | loopback vs memcpy | " \
+        "copy_blocks vs memcpy | loopback vs index ops |" in text
+    assert "| 4 KiB blocks | 4096 x 4 KiB (16 x 256) | 16.0 MiB | 0.85 | 1.05 | 0.81 | 1.44 " \
+        "| 7.03 |" in text
+    assert "| headline | 32 x 512 x 16384 | 256.0 MiB |" in text

@@ -13,8 +13,9 @@ Environment:
   back). Read on every call, so it can change at run time.
 - ``KVHANDOFF_CACHE_DIR``: where builds go; default
   ``${XDG_CACHE_HOME:-~/.cache}/kvhandoff/torch_extensions/<torch version>``. Each build gets a
-  subdirectory named after a hash of the sources, the torch version and the CUDA setting, so a
-  changed source or torch never loads a stale build. Concurrent processes (MPI ranks) share one
+  subdirectory named after a hash of the sources, their folder, the torch version and the CUDA
+  setting, so a changed source or torch never loads a stale build (and two checkouts never
+  rebuild each other's). Concurrent processes (MPI ranks) share one
   build: torch's file lock makes the others wait for the first.
 - ``CXX``: the C++ compiler torch uses (default ``c++``).
 """
@@ -85,6 +86,9 @@ def _build_name(with_cuda: bool) -> str:
         digest.update((CSRC / name).read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(b"cuda" if with_cuda else b"cpu")
+    # ninja's build file names the sources by absolute path: two checkouts of the same
+    # sources must not share a build folder, or each rebuilds the other's every time.
+    digest.update(str(CSRC.resolve()).encode())
     flavour = "cuda" if with_cuda else "cpu"
     return f"kvhandoff_block_copy_{flavour}_{digest.hexdigest()[:12]}"
 

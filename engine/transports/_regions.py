@@ -113,17 +113,19 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
                                  f"0..{limit - 1}", device=str(device))
     # Runs of consecutive ids: a run starts where the id is not the previous one plus one.
     starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
-    run_first = ids[starts]
-    run_len = np.diff(np.append(starts, ids.size))
-    addresses, lengths = [], []
-    total = 0
-    for tensor, (_, block_nbytes, stride) in zip(tensors, geometry, strict=True):
-        base = np.uint64(tensor.data_ptr())
+    run_first = ids[starts].astype(np.uint64)
+    run_len = np.diff(np.append(starts, ids.size)).astype(np.uint64)
+    bases = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+    total = sum(ids.size * g[1] for g in geometry)
+    if len({g[1:] for g in geometry}) == 1:  # one block size and stride: one pass for all
+        _, block_nbytes, stride = geometry[0]
         if stride == block_nbytes:  # adjacent blocks: one region per run
-            addresses.append(base + run_first.astype(np.uint64) * np.uint64(stride))
-            lengths.append(run_len.astype(np.uint64) * np.uint64(block_nbytes))
-        else:  # blocks apart in memory (e.g. K and V interleaved per block): one per block
-            addresses.append(base + ids.astype(np.uint64) * np.uint64(stride))
-            lengths.append(np.full(ids.size, block_nbytes, dtype=np.uint64))
-        total += ids.size * block_nbytes
-    return Regions(np.concatenate(addresses), np.concatenate(lengths), device, tensors, total)
+            offsets, lengths = run_first * np.uint64(stride), run_len * np.uint64(stride)
+        else:  # blocks apart in memory (K and V interleaved per block): one per block
+            offsets = ids.astype(np.uint64) * np.uint64(stride)
+            lengths = np.full(ids.size, block_nbytes, dtype=np.uint64)
+        addresses = np.add.outer(bases, offsets).ravel()
+        return Regions(addresses, np.tile(lengths, len(tensors)), device, tensors, total)
+    parts = [block_regions([t], ids) for t in tensors]
+    return Regions(np.concatenate([p.addresses for p in parts]),
+                   np.concatenate([p.lengths for p in parts]), device, tensors, total)

@@ -99,3 +99,12 @@ def test_a_transport_without_regions_says_so() -> None:
     with pytest.raises(RegionsUnsupportedError, match="gather"):
         a.post_send_regions(regions, 1, 1)
     assert regions.addresses.dtype == np.uint64
+
+
+def test_tensors_of_different_block_sizes_keep_the_packed_order() -> None:
+    small = torch.arange(10 * 6, dtype=torch.float32).reshape(10, 6)
+    large = torch.arange(10 * 10, dtype=torch.float32).reshape(10, 10) + 1000
+    regions = block_regions([small, large], [4, 5, 1])
+    assert regions.nbytes == 3 * 6 * 4 + 3 * 10 * 4
+    expected = torch.cat([small[[4, 5, 1]].reshape(-1), large[[4, 5, 1]].reshape(-1)])
+    assert _read(regions) == expected.numpy().tobytes()

@@ -245,16 +245,16 @@ class TransferCancelled(TransferError):
 # --- KV layouts and adopted memory -----------------------------------------------------------
 
 
-class LayoutError(PoolError, ValueError):
-    """A ``KVLayout`` field is invalid. Attributes: ``name`` (the field), ``value``,
-    ``expected``."""
+class LayoutError(PoolConfigError):
+    """A ``KVLayout`` field is invalid (a ``PoolConfigError``: a pool built from it was given
+    a bad argument). Attributes: ``name`` (the field), ``value``, ``expected``."""
 
     def __init__(self, name: str, value: Any, expected: str) -> None:
         self.name = name
         self.value = value
         self.expected = expected
         self.block_ids = ()
-        super().__init__(f"KVLayout {name}={value!r} is invalid: expected {expected}")
+        Exception.__init__(self, f"KVLayout {name}={value!r} is invalid: expected {expected}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name, self.value, self.expected))

@@ -77,6 +77,8 @@ def _tables(block_ids: Any) -> list[list[int]]:
                                   f"of {block_ids.dim()} dimensions")
         rows = block_ids.tolist()
         return [rows] if block_ids.dim() == 1 else rows
+    if not isinstance(block_ids, (list, tuple)) and callable(getattr(block_ids, "tolist", None)):
+        block_ids = block_ids.tolist()  # a numpy block table (1-D or one row per sequence)
     if isinstance(block_ids, (str, bytes)) or not isinstance(block_ids, Sequence):
         raise BlockTableError(f"a sequence of block ids, got {type(block_ids).__name__}")
     nested = len(block_ids) > 0 and isinstance(block_ids[0], (Sequence, torch.Tensor))

@@ -19,6 +19,7 @@ from kvhandoff.engine import (
     LayoutMismatchError,
 )
 from kvhandoff.engine import _wire as wire
+from kvhandoff.engine.layout import MAX_EXTRA_ITEMS
 
 BASE = KVLayout(num_layers=4, block_tokens=16, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 
@@ -35,7 +36,7 @@ def test_layout_block_shape_follows_the_order() -> None:
     ("num_layers", 0), ("num_layers", True), ("block_tokens", -1), ("kv_heads", 1.0),
     ("head_dim", 2**25), ("dtype", "float16"), ("order", "HDN"), ("tp_size", 0),
     ("tp_rank", 2), ("extra", (1.5,)), ("extra", "ab"), ("extra", ("x" * 65,)),
-    ("extra", tuple(range(17))), ("extra", (2**63,)),
+    ("extra", tuple(range(MAX_EXTRA_ITEMS + 1))), ("extra", (2**63,)),
 ])
 def test_layout_invalid_field_is_typed_and_named(field: str, value: object) -> None:
     fields = BASE.describe() | {"dtype": torch.bfloat16, "tp_size": 2}
@@ -123,7 +124,7 @@ layouts = st.builds(
     order=st.sampled_from(["NHD", "HND"]),
     tp_size=st.just(1),
     extra=st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1),
-                             st.text(max_size=16)), max_size=16).map(tuple),
+                             st.text(max_size=16)), max_size=MAX_EXTRA_ITEMS).map(tuple),
 )
 
 
@@ -142,8 +143,8 @@ def test_layout_encode_decode_round_trip(layout: KVLayout) -> None:
 
 def test_layout_largest_encoding_fits_the_bound() -> None:
     layout = KVLayout(2**16, 2**24, 2**24, 2**24, torch.float8_e4m3fnuz, "HND", 2**16 - 1,
-                      2**16, tuple("\u00e9" * 32 for _ in range(16)))
-    assert len(layout.encode()) <= MAX_LAYOUT_BYTES
+                      2**16, tuple("\u00e9" * 32 for _ in range(MAX_EXTRA_ITEMS)))
+    assert len(layout.encode()) <= MAX_LAYOUT_BYTES <= 600
     assert KVLayout.decode(layout.encode()) == layout
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kvhandoff.engine import BlockPool, KVLayout
@@ -105,6 +106,10 @@ def test_token_major_input_and_batch_rows(order: str) -> None:
     write_layer(pool, 0, key[1].transpose(0, 1), value[1].transpose(0, 1), torch.tensor([0, 2]))
     k, _ = read_layer(pool, 0, [0, 2], 7)
     assert torch.equal(k[0], key[1])
+    k, _ = read_layer(pool, 0, np.array(tables), 7)  # numpy tables, one row per sequence
+    assert torch.equal(k, key)
+    with pytest.raises(BlockTableError):
+        read_layer(pool, 0, np.array([0.0, 2.0]), 7)
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -132,23 +132,24 @@ def _adopted_layers(tensors: Any) -> list[torch.Tensor]:
     else:
         raise AdoptError(0, "shape", "[num_blocks, *block_shape] or "
                          "[2, num_blocks, *block_shape]", shape)
+    per_layer = len(shape) == 5  # which host tensor a layer view comes from, for errors
     for index, layer in enumerate(layers):
+        source = index // 2 if per_layer else index
         if not layer.is_contiguous():
-            owner = index if len(shape) == 4 else index // 2
-            raise AdoptError(owner, "contiguous", "a contiguous tensor",
+            raise AdoptError(source, "contiguous", "a contiguous tensor",
                              f"strides {tuple(layer.stride())}")
         if layer.numel() == 0:
-            raise AdoptError(index if len(shape) == 4 else index // 2, "shape",
-                             "no zero-sized dimension", shape)
-    # Two layer views over the same bytes would make one layer's write another's data.
+            raise AdoptError(source, "shape", "no zero-sized dimension", shape)
+    # Two layer views over the same bytes would make one layer's write another's data. Sorted
+    # by start, some two spans overlap exactly when some neighbours do.
     spans = sorted((layer.data_ptr(), layer.data_ptr() + layer.numel() * layer.element_size(),
                     index) for index, layer in enumerate(layers))
     for (_, end, index), (start, _, other) in itertools.pairwise(spans):
         if start < end:
-            raise AdoptError(max(index, other) if len(shape) == 4 else max(index, other) // 2,
-                             "overlap", "tensors over disjoint memory",
-                             f"the memory of layer tensors {min(index, other)} and "
-                             f"{max(index, other)} overlaps")
+            low, high = sorted((index, other))
+            raise AdoptError(high // 2 if per_layer else high, "overlap",
+                             "tensors over disjoint memory",
+                             f"layer views {low} and {high} share memory")
     return layers
 
 

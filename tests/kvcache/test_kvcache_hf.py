@@ -157,3 +157,20 @@ def test_hf_bf16_model_cache_refused_by_a_float16_pool(model: object) -> None:
     with pytest.raises(KVDtypeError):
         write_dynamic_cache(pool, cache, [0, 1, 2])
     assert not any(layer.any() for layer in pool.layers)
+
+
+def test_hf_bf16_model_round_trip_through_a_bf16_pool(model: object) -> None:
+    """The model in bfloat16 and a pool whose dtype comes from the layout: bytes are moved,
+    never converted, so decoding on is bit-identical."""
+    import copy
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # type: ignore[attr-defined]
+    token, cache = prefill(bf16)
+    assert cache.layers[0].keys.dtype == torch.bfloat16  # type: ignore[attr-defined]
+    layout = KVLayout(**layout_of(model).describe() | {"dtype": torch.bfloat16})
+    pool = BlockPool.from_layout(layout, 8)
+    write_dynamic_cache(pool, cache, [6, 0, 3])
+    restored = read_dynamic_cache(pool, [6, 0, 3], PROMPT)
+    want = decode(bf16, cache, token)
+    got = decode(bf16, restored, token)
+    assert got[0] == want[0] and torch.equal(got[1], want[1])

@@ -22,7 +22,7 @@ $(STAMP)-demo: pyproject.toml $(STAMP)-venv
 	touch $@
 
 $(STAMP)-test: pyproject.toml $(STAMP)-venv
-	$(PY) -m pip install -q -e '.[mpi,test,dev]'
+	$(PY) -m pip install -q -e '.[mpi,test,dev,hf]' "$(TORCH_SPEC)"
 	touch $@ $(STAMP)-demo
 
 demo: $(STAMP)-demo

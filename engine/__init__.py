@@ -17,12 +17,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kvhandoff.engine.errors import (
+    AdoptError,
     DataTagsExhaustedError,
     DoubleFreeError,
     EngineClosedError,
     EngineConfigError,
     EngineError,
     LayerReadyError,
+    LayoutDecodeError,
+    LayoutError,
+    LayoutMismatchError,
     NotOwnerError,
     OutOfBlocksError,
     PinError,
@@ -30,6 +34,7 @@ from kvhandoff.engine.errors import (
     PoolConfigError,
     PoolError,
     PoolInvariantError,
+    PoolModeError,
     TransferCancelled,
     TransferError,
     TransferFailed,
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
     from kvhandoff.engine._config import EngineConfig
     from kvhandoff.engine._engine import TransferEngine
     from kvhandoff.engine._handle import DrainReport, EngineStats, TransferHandle, TransferResult
+    from kvhandoff.engine.layout import MAX_LAYOUT_BYTES, KVLayout, LayoutDifference
     from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
 
 # Public name -> the module that defines it, for the names that pull in torch.
@@ -50,13 +56,18 @@ _LAZY: dict[str, str] = {
     "DrainReport": "kvhandoff.engine._handle",
     "EngineConfig": "kvhandoff.engine._config",
     "EngineStats": "kvhandoff.engine._handle",
+    "KVLayout": "kvhandoff.engine.layout",
+    "LayoutDifference": "kvhandoff.engine.layout",
+    "MAX_LAYOUT_BYTES": "kvhandoff.engine.layout",
     "TransferEngine": "kvhandoff.engine._engine",
     "TransferHandle": "kvhandoff.engine._handle",
     "TransferResult": "kvhandoff.engine._handle",
 }
 
 __all__ = [
+    "MAX_LAYOUT_BYTES",
     "POISON_BLOCK_BYTE",
+    "AdoptError",
     "BlockPool",
     "DataTagsExhaustedError",
     "DoubleFreeError",
@@ -66,7 +77,12 @@ __all__ = [
     "EngineConfigError",
     "EngineError",
     "EngineStats",
+    "KVLayout",
     "LayerReadyError",
+    "LayoutDecodeError",
+    "LayoutDifference",
+    "LayoutError",
+    "LayoutMismatchError",
     "NotOwnerError",
     "OutOfBlocksError",
     "PinError",
@@ -74,6 +90,7 @@ __all__ = [
     "PoolConfigError",
     "PoolError",
     "PoolInvariantError",
+    "PoolModeError",
     "TransferCancelled",
     "TransferEngine",
     "TransferError",

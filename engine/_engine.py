@@ -261,6 +261,14 @@ class TransferEngine:
             self._poke()
         return result
 
+    def finished(self) -> list[str]:
+        """On a host-owned pool (``BlockPool.from_tensors(..., host_owned=True)``): the
+        requests whose blocks became safe to reuse since the last call (every rank's
+        transport is done with them), each once; the host's allocator frees them. Asks the
+        pool, which reports an owner when the engine removes its last pin (at release, or
+        when an admission failed). ``PoolModeError`` on a pool that defers frees itself."""
+        return self.pool.finished()
+
     def health(self) -> Health:
         """The latest health snapshot (recomputed every tick)."""
         return self._health.snapshot

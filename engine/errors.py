@@ -240,3 +240,99 @@ class TransferFailed(TransferError):
 
 class TransferCancelled(TransferError):
     """The transfer was cancelled (by this host, by the peer, or on another TP rank)."""
+
+
+# --- KV layouts and adopted memory -----------------------------------------------------------
+
+
+class LayoutError(PoolConfigError):
+    """A ``KVLayout`` field is invalid (a ``PoolConfigError``: a pool built from it was given
+    a bad argument). Attributes: ``name`` (the field), ``value``, ``expected``."""
+
+    def __init__(self, name: str, value: Any, expected: str) -> None:
+        self.name = name
+        self.value = value
+        self.expected = expected
+        self.block_ids = ()
+        Exception.__init__(self, f"KVLayout {name}={value!r} is invalid: expected {expected}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.value, self.expected))
+
+
+class LayoutDecodeError(PoolError, ValueError):
+    """Bytes that are not a valid encoded ``KVLayout`` (wrong magic or version, truncated,
+    trailing bytes, a field out of range, an unknown dtype). Attribute: ``problem``."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        self.block_ids = ()
+        super().__init__(f"not a valid encoded KV layout: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problem,))
+
+
+class LayoutMismatchError(PoolError, ValueError):
+    """Two KV layouts that must agree differ. ``differences`` is a tuple of
+    ``(field, here, there)``, one per differing field, in the layout's field order; ``here``
+    and ``there`` name the two sides (``"here"``/``"peer"`` for a handshake,
+    ``"layout"``/``"tensors"`` for an adoption)."""
+
+    def __init__(self, differences: Sequence[tuple[str, Any, Any]], here: str = "here",
+                 there: str = "peer") -> None:
+        self.differences = tuple((str(f), a, b) for f, a, b in differences)
+        self.here = here
+        self.there = there
+        self.block_ids = ()
+        listed = "; ".join(f"{f}: {here} {a!r}, {there} {b!r}" for f, a, b in self.differences)
+        super().__init__(f"KV layouts differ in {len(self.differences)} field(s): {listed}; "
+                         "build both sides' pools with the same layout")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for f, _, _ in self.differences)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.differences, self.here, self.there))
+
+
+class AdoptError(PoolError, ValueError):
+    """``BlockPool.from_tensors`` refused the host's tensors, before anything changed.
+    Attributes: ``index`` (which tensor of the list, None for the list itself), ``field``
+    (``"type"``, ``"dtype"``, ``"device"``, ``"shape"``, ``"contiguous"``, ``"overlap"``,
+    ``"requires_grad"``, ``"count"``, ``"interleaved"``), ``expected``, ``got``."""
+
+    def __init__(self, index: int | None, field: str, expected: Any, got: Any) -> None:
+        self.index = index
+        self.field = field
+        self.expected = expected
+        self.got = got
+        self.block_ids = ()
+        where = "the tensor list" if index is None else f"tensor {index}"
+        super().__init__(f"cannot adopt {where}: {field} is {got!r}, expected {expected}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.index, self.field, self.expected, self.got))
+
+
+class PoolModeError(PoolError, RuntimeError):
+    """A call the pool's allocation mode does not offer: ``alloc``/``free`` (and the free
+    books) on a host-owned pool, whose host's allocator owns them, or ``finished()`` on a
+    pool that defers frees itself. Attributes: ``call``, ``host_owned``."""
+
+    def __init__(self, call: str, host_owned: bool) -> None:
+        self.call = call
+        self.host_owned = host_owned
+        self.block_ids = ()
+        if host_owned:
+            text = (f"{call} is the host's on a host-owned pool: allocate and free with the "
+                    "host's allocator, and reuse a request's blocks once finished() names it")
+        else:
+            text = (f"{call} is offered by host-owned pools only "
+                    "(BlockPool.from_tensors(..., host_owned=True)); this pool defers frees "
+                    "itself: free() at any time")
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.call, self.host_owned))

@@ -1,8 +1,21 @@
 """``BlockPool``: paged KV memory, handed out by block id, with pins that defer frees.
 
-Memory is one torch tensor per layer for K and one for V, each
-``[num_blocks, block_tokens, kv_heads, head_dim]``, in ``pool.layers`` as the flat list
-``[K0, V0, K1, V1, ...]`` that ``kvhandoff.cuda_ext.gather`` / ``scatter`` take.
+Memory is one torch tensor per layer for K and one for V, each ``[num_blocks,
+*block_shape]``, in ``pool.layers`` as the flat list ``[K0, V0, K1, V1, ...]`` that
+``kvhandoff.cuda_ext.gather`` / ``scatter`` take. ``pool.layout`` (a ``KVLayout``) is the one
+description of a block's bytes: ``block_shape`` is ``[block_tokens, kv_heads, head_dim]``
+(``NHD``, the default) or ``[kv_heads, block_tokens, head_dim]`` (``HND``).
+
+Whose memory. ``BlockPool(...)`` and ``BlockPool.from_layout`` allocate it;
+``BlockPool.from_tensors`` adopts the host's own tensors (kvhandoff's flat list, or vLLM's
+``[2, num_blocks, ...]`` per layer) as views, without a copy, after checking them.
+
+Whose allocator. By default the pool's: the books below. With ``host_owned=True`` (adopted
+memory only) the host's allocator keeps alloc/free and the pool keeps only the pins; when
+the last pin of an owner (a request id) is removed, the owner is queued for ``finished()``,
+which tells the host which requests' blocks no transfer touches any more: the same promise as
+the deferred free below, reported instead of acted on (as vLLM's connector reports requests
+from ``get_finished()``).
 
 Every block is in exactly one of three books:
 
@@ -32,12 +45,14 @@ from __future__ import annotations
 import itertools
 import operator
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 from kvhandoff.engine.errors import (
+    AdoptError,
     DoubleFreeError,
+    LayoutMismatchError,
     NotOwnerError,
     OutOfBlocksError,
     PinError,
@@ -45,8 +60,10 @@ from kvhandoff.engine.errors import (
     PoolConfigError,
     PoolError,
     PoolInvariantError,
+    PoolModeError,
     UnknownBlockError,
 )
+from kvhandoff.engine.layout import KVLayout, Order
 from kvhandoff.sessions import BlockIds
 
 #: Fill byte for poisoned blocks of non-floating dtypes.
@@ -69,6 +86,94 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PoolConfigError("device", device, "a torch device such as 'cpu' or 'cuda:0'")\
+            from None
+
+
+def _adopted_layers(tensors: Any) -> list[torch.Tensor]:
+    """The flat ``[K0, V0, ...]`` views of the host's tensors (``BlockPool.from_tensors``),
+    every one checked; ``AdoptError`` names the first tensor and property that is wrong."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise AdoptError(None, "type", "a list of tensors: [K0, V0, ...] or one "
+                         "[2, num_blocks, ...] tensor per layer", type(tensors).__name__)
+    if not tensors:
+        raise AdoptError(None, "count", "at least one tensor", 0)
+    first = tensors[0]
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise AdoptError(index, "type", "a torch.Tensor", type(tensor).__name__)
+        if tensor.dtype != first.dtype:
+            raise AdoptError(index, "dtype", first.dtype, tensor.dtype)
+        if tensor.device != first.device:
+            raise AdoptError(index, "device", first.device, tensor.device)
+        if tensor.shape != first.shape:
+            raise AdoptError(index, "shape", tuple(first.shape), tuple(tensor.shape))
+        if tensor.requires_grad:
+            raise AdoptError(index, "requires_grad", False, True)
+    shape = tuple(first.shape)
+    layers: list[torch.Tensor] = []
+    if len(shape) == 4:  # [K0, V0, K1, V1, ...]
+        if len(tensors) % 2:
+            raise AdoptError(None, "count", "an even number of [num_blocks, ...] tensors "
+                             "(K and V of each layer)", len(tensors))
+        layers = list(tensors)
+    elif len(shape) == 5 and shape[0] == 2:  # per layer [2, num_blocks, ...]: K = t[0]
+        for tensor in tensors:
+            layers += [tensor[0], tensor[1]]
+    elif len(shape) == 5 and shape[1] == 2:
+        raise AdoptError(0, "interleaved", "K and V as separate block tensors "
+                         "([2, num_blocks, ...] per layer): K and V interleaved per block "
+                         "([num_blocks, 2, ...]) give strided layer views, and the block "
+                         "copy moves contiguous layer tensors only", shape)
+    else:
+        raise AdoptError(0, "shape", "[num_blocks, *block_shape] or "
+                         "[2, num_blocks, *block_shape]", shape)
+    per_layer = len(shape) == 5  # which host tensor a layer view comes from, for errors
+    for index, layer in enumerate(layers):
+        source = index // 2 if per_layer else index
+        if not layer.is_contiguous():
+            raise AdoptError(source, "contiguous", "a contiguous tensor",
+                             f"strides {tuple(layer.stride())}")
+        if layer.numel() == 0:
+            raise AdoptError(source, "shape", "no zero-sized dimension", shape)
+    # Two layer views over the same bytes would make one layer's write another's data. Sorted
+    # by start, some two spans overlap exactly when some neighbours do.
+    spans = sorted((layer.data_ptr(), layer.data_ptr() + layer.numel() * layer.element_size(),
+                    index) for index, layer in enumerate(layers))
+    for (_, end, index), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            low, high = sorted((index, other))
+            raise AdoptError(high // 2 if per_layer else high, "overlap",
+                             "tensors over disjoint memory",
+                             f"layer views {low} and {high} share memory")
+    return layers
+
+
+def _check_against(layout: KVLayout, layers: list[torch.Tensor]) -> None:
+    """``LayoutMismatchError`` unless the adopted layer views are what ``layout`` says."""
+    first = layers[0]
+    found: list[tuple[str, Any, Any]] = []
+    if len(layers) // 2 != layout.num_layers:
+        found.append(("num_layers", layout.num_layers, len(layers) // 2))
+    if first.dtype != layout.dtype:
+        found.append(("dtype", str(layout.dtype).removeprefix("torch."),
+                      str(first.dtype).removeprefix("torch.")))
+    names = ("block_tokens", "kv_heads", "head_dim")
+    if layout.order == "HND":
+        names = ("kv_heads", "block_tokens", "head_dim")
+    for name, want, got in zip(names, layout.block_shape, first.shape[1:], strict=True):
+        if want != got:
+            found.append((name, want, got))
+    if found:
+        order = list(layout.describe())
+        found.sort(key=lambda f: order.index(f[0]))
+        raise LayoutMismatchError(found, "layout", "tensors")
+
+
 class BlockPool:
     """Paged KV memory for one rank. Not thread-safe: one owner (the engine loop) calls it.
 
@@ -89,33 +194,118 @@ class BlockPool:
         debug: bool = False,
         logger: PoolLogger | None = None,
     ) -> None:
-        self.num_blocks = _positive_int("num_blocks", num_blocks)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.block_tokens = _positive_int("block_tokens", block_tokens)
-        self.kv_heads = _positive_int("kv_heads", kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
+        # ``dtype`` keeps its float16 default: existing pools (and their layout fingerprints)
+        # rely on it. ``from_layout`` and ``from_tensors`` take the dtype from the layout or
+        # the host's tensors instead, and the model-cache helpers (``kvhandoff.kvcache``)
+        # refuse K/V of another dtype rather than cast them into the pool.
+        _positive_int("num_blocks", num_blocks)
+        for name, value in (("num_layers", num_layers), ("block_tokens", block_tokens),
+                            ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            _positive_int(name, value)
         if not isinstance(dtype, torch.dtype):
             raise PoolConfigError("dtype", dtype, "a torch.dtype")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise PoolConfigError("device", device, "a torch device such as 'cpu' or 'cuda:0'")\
-                from None
-        self.dtype = dtype
+        layout = KVLayout(num_layers, block_tokens, kv_heads, head_dim, dtype)
+        self._own(layout, num_blocks, _device(device), debug, logger)
+
+    @classmethod
+    def from_layout(cls, layout: KVLayout, num_blocks: int, *,
+                    device: torch.device | str = "cpu", debug: bool = False,
+                    logger: PoolLogger | None = None) -> BlockPool:
+        """A pool that allocates its own memory for ``layout`` (either order; the dtype is
+        the layout's)."""
+        if not isinstance(layout, KVLayout):
+            raise PoolConfigError("layout", layout, "a KVLayout")
+        _positive_int("num_blocks", num_blocks)
+        pool = cls.__new__(cls)
+        pool._own(layout, num_blocks, _device(device), debug, logger)
+        return pool
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], *, order: Order = "NHD",
+                     layout: KVLayout | None = None, host_owned: bool = False,
+                     tp_rank: int = 0, tp_size: int = 1, extra: Sequence[int | str] = (),
+                     debug: bool = False, logger: PoolLogger | None = None) -> BlockPool:
+        """A pool over KV memory the host already has: ``pool.layers`` are views of
+        ``tensors``, nothing is copied, and writes through either side are seen by the
+        other. ``tensors`` is one of:
+
+        * ``[K0, V0, K1, V1, ...]``, each ``[num_blocks, *block_shape]`` (kvhandoff's own);
+        * one tensor per layer, ``[2, num_blocks, *block_shape]`` (vLLM's): K is ``t[0]``,
+          V is ``t[1]``.
+
+        ``block_shape`` is ``(block_tokens, kv_heads, head_dim)`` for ``order="NHD"`` and
+        ``(kv_heads, block_tokens, head_dim)`` for ``"HND"``. A per-layer tensor with K and V
+        interleaved inside each block (``[num_blocks, 2, *block_shape]``) is refused: its K
+        and V views are strided, and the block copy (``cuda_ext.gather``/``scatter``) moves
+        contiguous layer tensors only.
+
+        The layout (num_layers, the block geometry, the dtype) is read from the tensors,
+        with ``order``, ``tp_rank``, ``tp_size`` and ``extra`` added; pass ``layout`` to
+        have the tensors checked against an expected one instead (``LayoutMismatchError``
+        names every differing field). The tensors must share dtype, device and shape, be
+        contiguous, not require grad and not overlap (``AdoptError`` otherwise).
+
+        ``host_owned=True``: the host's allocator owns alloc/free; the pool only pins
+        (``alloc``/``free`` raise ``PoolModeError``) and ``finished()`` names the requests
+        whose blocks no transfer touches any more. ``debug=True`` (pool-owned only) poisons
+        every block at once: the host's contents are overwritten.
+        """
+        if host_owned and debug:
+            raise PoolConfigError(
+                "debug", debug, "debug=False on a host-owned pool: the host's allocator owns "
+                "the free blocks, so poison them there")
+        layers = _adopted_layers(tensors)
+        first = layers[0]
+        if layout is None:
+            if order not in ("NHD", "HND"):
+                raise PoolConfigError("order", order, "'NHD' or 'HND'")
+            shape = tuple(first.shape[1:])
+            tokens, heads = (shape[0], shape[1]) if order == "NHD" else (shape[1], shape[0])
+            layout = KVLayout(len(layers) // 2, tokens, heads, shape[2], first.dtype, order,
+                              tp_rank, tp_size, tuple(extra))
+        elif not isinstance(layout, KVLayout):
+            raise PoolConfigError("layout", layout, "a KVLayout")
+        else:
+            _check_against(layout, layers)
+        pool = cls.__new__(cls)
+        pool._setup(layout, layers, first.device, debug, logger, host_owned=host_owned)
+        return pool
+
+    def _own(self, layout: KVLayout, num_blocks: int, device: torch.device, debug: bool,
+             logger: PoolLogger | None) -> None:
+        shape = (num_blocks, *layout.block_shape)
+        layers = [torch.zeros(shape, dtype=layout.dtype, device=device)
+                  for _ in range(2 * layout.num_layers)]
+        self._setup(layout, layers, device, debug, logger, host_owned=False)
+
+    def _setup(self, layout: KVLayout, layers: list[torch.Tensor], device: torch.device,
+               debug: bool, logger: PoolLogger | None, *, host_owned: bool) -> None:
+        #: The one description of the blocks' bytes (``kvhandoff.engine.KVLayout``).
+        self.layout = layout
+        self.num_blocks = num_blocks = layers[0].shape[0]
+        self.num_layers = layout.num_layers
+        self.block_tokens = layout.block_tokens
+        self.kv_heads = layout.kv_heads
+        self.head_dim = layout.head_dim
+        self.dtype = layout.dtype
+        self.device = device
         self.debug = bool(debug)
+        #: True: the host's allocator owns alloc/free, the pool only pins (``finished()``).
+        self.host_owned = bool(host_owned)
         self._logger = logger
-        shape = (num_blocks, block_tokens, kv_heads, head_dim)
-        #: ``[K0, V0, K1, V1, ...]``, each ``[num_blocks, block_tokens, kv_heads, head_dim]``.
-        self.layers: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * num_layers)
-        ]
-        self._free: deque[int] = deque(range(num_blocks))  # FIFO: freed blocks rest longest
-        self._is_free = bytearray(b"\x01") * num_blocks
+        #: ``[K0, V0, K1, V1, ...]``, each ``[num_blocks, *block_shape]``.
+        self.layers: list[torch.Tensor] = layers
+        # A host-owned pool has no free list: no block is free in its books, so pins apply
+        # to any known block and nothing is ever deferred.
+        self._free: deque[int] = deque() if host_owned else deque(range(num_blocks))
+        self._is_free = bytearray(num_blocks) if host_owned else bytearray(b"\x01") * num_blocks
         self._holder: dict[int, str | None] = {}  # allocated: block -> owner
         self._deferred: dict[int, str | None] = {}  # freed while pinned: block -> last owner
         self._pinned_by: dict[str, set[int]] = {}  # transfer -> blocks it pins
         self._pins: set[int] = set()  # blocks that at least one transfer pins
         self._shared_pins: dict[int, int] = {}  # block -> transfers pinning it, only when >= 2
+        # Host-owned: the owners whose last pin was removed, not yet reported by finished().
+        self._finished: list[str] = []
         if self.debug:
             self._poison(range(num_blocks))
 
@@ -123,14 +313,14 @@ class BlockPool:
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
-        """``(block_tokens, kv_heads, head_dim)``: one block of one layer's K (or V)."""
-        return (self.block_tokens, self.kv_heads, self.head_dim)
+        """One block of one layer's K (or V): ``(block_tokens, kv_heads, head_dim)``, or
+        ``(kv_heads, block_tokens, head_dim)`` for an ``HND`` layout."""
+        return self.layout.block_shape
 
     @property
     def block_nbytes(self) -> int:
         """Bytes of one block across every layer, K and V."""
-        elements = self.block_tokens * self.kv_heads * self.head_dim
-        return 2 * self.num_layers * elements * self.layers[0].element_size()
+        return self.layout.block_nbytes
 
     def key(self, layer: int) -> torch.Tensor:
         return self.layers[2 * layer]
@@ -142,11 +332,15 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
+        if self.host_owned:
+            raise PoolModeError("num_free", True)
         return len(self._free)
 
     @property
     def num_allocated(self) -> int:
         """Blocks held by an owner (not counting deferred ones)."""
+        if self.host_owned:
+            raise PoolModeError("num_allocated", True)
         return len(self._holder)
 
     @property
@@ -160,11 +354,15 @@ class BlockPool:
         return len(self._pins)
 
     def is_free(self, block_id: int) -> bool:
+        if self.host_owned:
+            raise PoolModeError("is_free", True)
         self._check_known([block_id])
         return bool(self._is_free[block_id])
 
     def holder(self, block_id: int) -> str | None:
         """Who holds an allocated block (None: anonymous); ``PoolError`` if not allocated."""
+        if self.host_owned:
+            raise PoolModeError("holder", True)
         self._check_known([block_id])
         if block_id not in self._holder:
             raise PoolError(f"block {block_id} is not allocated")
@@ -184,12 +382,24 @@ class BlockPool:
     def deferred_blocks(self) -> frozenset[int]:
         return frozenset(self._deferred)
 
+    def finished(self) -> list[str]:
+        """Host-owned pools: the owners (request ids) whose last pin was removed since the
+        previous call, in that order, each once per time its pins dropped to zero. Their
+        blocks are safe to reuse: the engine unpins a transfer only once every rank's
+        transport is done with it. ``PoolModeError`` on a pool that defers frees itself."""
+        if not self.host_owned:
+            raise PoolModeError("finished()", False)
+        done, self._finished = self._finished, []
+        return done
+
     # --- alloc / free ----------------------------------------------------------------------
 
     def alloc(self, n: int, owner: str | None = None) -> list[int]:
         """Take ``n`` blocks off the free list for ``owner`` (None: anonymous) and return
         their ids. ``OutOfBlocksError`` when fewer are free; in debug mode ``PoisonError``
         when one of them was written while free."""
+        if self.host_owned:
+            raise PoolModeError("alloc", True)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise PoolConfigError("n", n, "an int >= 0")
         if n > len(self._free):
@@ -219,6 +429,8 @@ class BlockPool:
 
         Raises ``UnknownBlockError``, ``DoubleFreeError`` (already free or freed, or listed
         twice) or ``NotOwnerError`` (held by someone else), changing nothing."""
+        if self.host_owned:
+            raise PoolModeError("free", True)
         ids = self._check_known(block_ids)
         id_set = set(ids)
         if (len(id_set) != len(ids) or self._any_free(ids)
@@ -258,7 +470,8 @@ class BlockPool:
     def pin(self, block_ids: Iterable[int], owner: str) -> None:
         """Pin allocated blocks for the transfer ``owner`` (a request id): until
         ``unpin(ids, owner)`` a ``free()`` of them is deferred. ``PinError`` when a block is
-        free, was already freed by its holder, or is already pinned by ``owner``."""
+        free, was already freed by its holder, or is already pinned by ``owner``. On a
+        host-owned pool any block may be pinned (the host vouches that it is allocated)."""
         self._check_owner(owner)
         ids = self._check_known(block_ids)
         id_set = set(ids)
@@ -315,6 +528,8 @@ class BlockPool:
         self._pins -= unpinned
         if len(id_set) == len(mine):  # a subset of the same size: all of them
             del self._pinned_by[owner]
+            if self.host_owned:
+                self._finished.append(owner)
         else:
             mine -= id_set
         released: list[int] = []
@@ -342,13 +557,16 @@ class BlockPool:
         pin indexes agree. ``PoolInvariantError`` lists every problem found."""
         problems: list[str] = []
         bad: set[int] = set()
+        if self.host_owned:  # no free or allocated books: the host's allocator keeps them
+            if self._free or any(self._is_free) or self._holder or self._deferred:
+                problems.append("a host-owned pool holds free, allocated or deferred books")
         free_list = list(self._free)
         free_set = set(free_list)
         if len(free_set) != len(free_list):
             dups = sorted(b for b in free_set if free_list.count(b) > 1)
             problems.append(f"free list holds ids twice: {dups}")
             bad.update(dups)
-        for block_id in range(self.num_blocks):
+        for block_id in range(0 if self.host_owned else self.num_blocks):
             books = (
                 (block_id in free_set) + (block_id in self._holder) + (block_id in self._deferred)
             )
@@ -484,6 +702,9 @@ class BlockPool:
             )
 
     def __repr__(self) -> str:
+        if self.host_owned:
+            return (f"BlockPool(num_blocks={self.num_blocks}, host_owned=True, "
+                    f"pinned={self.num_pinned}, dtype={self.dtype}, device={self.device})")
         return (
             f"BlockPool(num_blocks={self.num_blocks}, free={self.num_free}, "
             f"allocated={self.num_allocated}, deferred={self.num_deferred}, "

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("sessions", "collectives", "cuda_ext", "engine", "analysis", "demo", "scenarios",
-               "cli")
+SUBPACKAGES = ("sessions", "collectives", "cuda_ext", "engine", "kvcache", "analysis", "demo",
+               "scenarios", "cli")
 # Every package, nested ones included; the __all__ check runs on those that define one.
 PACKAGES = (*SUBPACKAGES, "engine.transports")
 

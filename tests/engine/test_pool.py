@@ -14,6 +14,7 @@ import torch
 from kvhandoff.engine import (
     BlockPool,
     DoubleFreeError,
+    KVLayout,
     NotOwnerError,
     OutOfBlocksError,
     PinError,
@@ -74,6 +75,30 @@ def test_pool_rejects_bad_config(field: str, value: Any) -> None:
     with pytest.raises(PoolConfigError) as info:
         BlockPool(**args)
     assert info.value.name == field
+
+
+def test_pool_holds_its_layout_the_float16_default_kept() -> None:
+    pool = make(num_blocks=3)
+    assert pool.layout == KVLayout(2, 4, 2, 8, torch.float16)  # default dtype, NHD
+    assert pool.block_shape == pool.layout.block_shape == (4, 2, 8)
+    assert pool.block_nbytes == pool.layout.block_nbytes
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+def test_pool_from_layout_allocates_for_either_order(order: str) -> None:
+    layout = KVLayout(3, 4, 2, 8, torch.bfloat16, order)  # type: ignore[arg-type]
+    pool = BlockPool.from_layout(layout, 5, debug=True)
+    assert pool.layout is layout and pool.dtype == torch.bfloat16
+    expected = (4, 2, 8) if order == "NHD" else (2, 4, 8)
+    assert pool.block_shape == expected
+    assert all(t.shape == (5, *expected) and t.is_contiguous() for t in pool.layers)
+    ids = pool.alloc(2, owner="r")
+    pool.free(ids, owner="r")
+    pool.assert_poisoned()
+    with pytest.raises(PoolConfigError):
+        BlockPool.from_layout("NHD", 4)  # type: ignore[arg-type]
+    with pytest.raises(PoolConfigError):
+        BlockPool.from_layout(layout, 0)
 
 
 def test_pool_alloc_free_roundtrip_and_counts() -> None:

@@ -32,8 +32,8 @@ test: $(STAMP)-test
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)-test
-	$(VENV)/bin/ruff check sessions collectives cuda_ext engine analysis demo scenarios cli tests benchmarks
-	$(VENV)/bin/mypy sessions collectives cuda_ext engine analysis demo scenarios cli
+	$(VENV)/bin/ruff check sessions collectives cuda_ext engine kvcache analysis demo scenarios cli tests benchmarks
+	$(VENV)/bin/mypy sessions collectives cuda_ext engine kvcache analysis demo scenarios cli
 
 # The GPU checks in one run, each step with its own time limit (under 8 minutes on one GPU);
 # writes gpu-check.md (and gpu-check.md.log). On a machine without a GPU it says so, exits 0.

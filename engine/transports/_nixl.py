@@ -135,6 +135,7 @@ _REFUSE_REASONS = {
 }
 #: The most descriptors one advertisement may carry (16 bytes each on the wire).
 MAX_DESCRIPTORS = 1 << 20
+_MAX_LENGTH = 1 << 40
 _MAX_TAG = 2**31 - 1
 
 
@@ -207,10 +208,11 @@ def decode_notification(data: bytes) -> tuple[int, tuple[Any, ...]]:
         pairs = np.frombuffer(data, dtype="<u8", count=2 * count, offset=start)
         addresses = pairs[:count].astype(np.uint64)
         lengths = pairs[count:].astype(np.uint64)
-        if int(lengths.min()) == 0:
-            raise FieldRangeError("lengths", 0, "every descriptor at least 1 byte", data)
-        # Sum in Python ints: uint64 sums can wrap.
-        if sum(int(n) for n in lengths) != nbytes or nbytes == 0:
+        if int(lengths.min()) == 0 or int(lengths.max()) >= _MAX_LENGTH:
+            raise FieldRangeError("lengths", int(lengths.max()),
+                                  f"every descriptor 1..{_MAX_LENGTH - 1} bytes", data)
+        # At most 2**20 descriptors below 2**40 bytes each: the uint64 sum cannot wrap.
+        if int(lengths.sum()) != nbytes or nbytes == 0:
             raise FieldRangeError("nbytes", nbytes, "the sum of the descriptor lengths", data)
         return kind, (tag, adv_id, nbytes, device, addresses, lengths)
     raise UnknownKindError(kind, data)
@@ -227,18 +229,21 @@ def equal_pieces(local_addresses: np.ndarray, local_lengths: np.ndarray,
     """Cut two region lists of one total length at the union of their boundaries:
     ``(local addresses, remote addresses, lengths)`` with piece ``i`` of one length on both
     sides, in byte-stream order. Vectorised (no Python step per piece)."""
+    if len(local_lengths) == len(remote_lengths) and np.array_equal(local_lengths,
+                                                                     remote_lengths):
+        return local_addresses, remote_addresses, local_lengths  # one block size: as is
     local_ends = np.cumsum(local_lengths, dtype=np.uint64)
     remote_ends = np.cumsum(remote_lengths, dtype=np.uint64)
-    ends = np.union1d(local_ends, remote_ends)
+    # Both are increasing: their union is a sort of two sorted runs, then no repeats.
+    ends = np.sort(np.concatenate((local_ends, remote_ends)), kind="stable")
+    ends = ends[np.concatenate(([True], ends[1:] != ends[:-1]))]
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1]
     li = np.searchsorted(local_ends, starts, side="right")
     ri = np.searchsorted(remote_ends, starts, side="right")
-    local_starts = local_ends - local_lengths
-    remote_starts = remote_ends - remote_lengths
-    local = local_addresses[li] + (starts - local_starts[li])
-    remote = remote_addresses[ri] + (starts - remote_starts[ri])
+    local = local_addresses[li] + (starts - (local_ends[li] - local_lengths[li]))
+    remote = remote_addresses[ri] + (starts - (remote_ends[ri] - remote_lengths[ri]))
     return local, remote, ends - starts
 
 

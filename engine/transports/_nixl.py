@@ -60,8 +60,9 @@ Progress. The agent runs without NIXL's progress thread (the bundled one spins a
 idle); ``poll()`` drives everything: it drains notifications (which progresses UCX), checks
 posted WRITEs, sends probes. Over UCX's cma transport ``transfer()`` performs the whole copy
 inside the call, so ``post_send_regions`` (when the advertisement is already there) or the
-``poll()`` that matches an advertisement blocks for the copy (about 9 ms per 64 MiB here; it
-releases the GIL, so a caller may run the engine's tick in a worker thread).
+``poll()`` that matches an advertisement blocks for the copy (``bench_transport_nixl.py``
+prints how long: tens of milliseconds per 64 MiB in 32 KiB pieces on the 2-core machine; the
+call releases the GIL, so a caller may run the engine's tick in a worker thread).
 
 Bootstrap: each rank creates its agent and the ranks exchange agent metadata once. The
 constructor takes an ``exchange`` function (this rank's metadata in, every rank's out);

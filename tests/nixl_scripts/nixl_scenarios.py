@@ -1,6 +1,6 @@
 """Two-process (and TP=2, four-process) scenarios of NixlTransport on 127.0.0.1.
 
-Run by tests/engine/transports/test_transport_nixl.py through the launcher in _harness.py:
+Run by tests/engine/transports/test_transport_nixl.py through the launcher in _launch.py:
 ``python nixl_scenarios.py SCENARIO --world N`` starts the ranks, kills them all if one fails
 or the job outlives its deadline. The scenarios that need a WRITE to stay in flight run with
 ``UCX_TLS=tcp`` (set by the test): over tcp the target's own progress lands the data, so a
@@ -26,7 +26,7 @@ from kvhandoff.engine.transports import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import rank_main
+from _launch import rank_main
 
 LIMIT_S = 30.0  # any wait below gives up (and fails the rank) after this long
 BIG = 64 << 20  # large enough that a tcp WRITE cannot sit whole in socket buffers

@@ -7,6 +7,7 @@ SIGKILLed mid-transfer. The NIXL parts skip, with the install command, without t
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MPI_SCRIPTS, _run_with_timeout, find_mpiexec
 from kvhandoff.engine.transports import (
     HandleState,
     InvalidBufferError,
@@ -298,3 +300,19 @@ def test_nixl_processes(run_python: RunPython, scenario: str, world: int,
         assert f"[rank {rank}] {scenario} OK" in result.stdout, result.stdout
     if scenario == "stuck":  # the receiver retracted while the WRITE was in flight
         assert "[rank 1] retract() -> True (pending)" in result.stdout, result.stdout
+
+
+@needs_nixl
+def test_nixl_bootstrapped_over_mpi() -> None:
+    pytest.importorskip("mpi4py")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found: install with `pip install kvhandoff[mpi]`")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(MPI_SCRIPTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    cmd = [mpiexec, "-n", "3", sys.executable, str(SCRIPTS / "nixl_over_mpi.py")]
+    result = _run_with_timeout(cmd, 120, env)
+    assert result.returncode == 0, result.stdout
+    for rank in range(3):
+        assert f"rank {rank}/3 nixl over mpi OK" in result.stdout, result.stdout

@@ -298,8 +298,12 @@ def test_nixl_processes(run_python: RunPython, scenario: str, world: int,
     survivors = [r for r in range(world) if str(r) not in killed.split(",")]
     for rank in survivors:
         assert f"[rank {rank}] {scenario} OK" in result.stdout, result.stdout
-    if scenario == "stuck":  # the receiver retracted while the WRITE was in flight
-        assert "[rank 1] retract() -> True (pending)" in result.stdout, result.stdout
+    if scenario == "stuck":
+        # The receiver retracts once it hears the WRITE was posted: normally while it is in
+        # flight (the retraction is ignored); should the DONE arrive in the same poll, the
+        # handle is final already. Either way the receive ended DONE (checked in the script).
+        assert ("[rank 1] retract() -> True (pending)" in result.stdout
+                or "[rank 1] retract() -> False (done)" in result.stdout), result.stdout
 
 
 @needs_nixl

@@ -214,7 +214,6 @@ def _stop_and_write(transport: NixlTransport, mail: Mail) -> tuple[int, Transpor
     os.kill(pid, signal.SIGSTOP)
     source = torch.full((BIG,), 7, dtype=torch.uint8)
     send = transport.post_send(source, 1, 1)
-    transport._buffer_keepalive = source  # type: ignore[attr-defined]
     # The caller's deadline passes with the WRITE in flight: the handle stays pending and
     # cancel() refuses, so the source memory stays in use.
     assert send.wait(timeout=0.5) is HandleState.PENDING

@@ -22,7 +22,7 @@ $(STAMP)-demo: pyproject.toml $(STAMP)-venv
 	touch $@
 
 $(STAMP)-test: pyproject.toml $(STAMP)-venv
-	$(PY) -m pip install -q -e '.[mpi,test,dev,hf]' "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[mpi,test,dev,hf,nixl]'
 	touch $@ $(STAMP)-demo
 
 demo: $(STAMP)-demo

@@ -60,7 +60,7 @@ BANNED: dict[str, frozenset[str]] = {
     "analysis": frozenset({"torch", "anyio"}),
 }
 # Optional dependencies: imported inside functions only, in every package.
-LAZY_ONLY = frozenset({"mpi4py", "transformers"})
+LAZY_ONLY = frozenset({"mpi4py", "nixl_cu13", "transformers"})
 # Backend modules that import an optional dependency at their top, because the module *is*
 # the backend: allowed only while every import of the module itself is inside a function
 # (``test_layering_lazy_backends_are_imported_lazily``). File (from the repo root) -> module.

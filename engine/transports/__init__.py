@@ -19,6 +19,7 @@ from kvhandoff.engine.transports._base import (
 from kvhandoff.engine.transports._faulty import Fault, FaultyTransport
 from kvhandoff.engine.transports._loopback import LoopbackTransport, loopback_group
 from kvhandoff.engine.transports._mpi import MPITransport
+from kvhandoff.engine.transports._nixl import NixlTransport
 from kvhandoff.engine.transports._regions import Regions, block_regions
 from kvhandoff.engine.transports._torchdist import TorchDistTransport
 from kvhandoff.engine.transports.errors import (
@@ -27,6 +28,7 @@ from kvhandoff.engine.transports.errors import (
     InvalidTagError,
     PeerUnknownError,
     RegionsUnsupportedError,
+    TransportBootstrapError,
     TransportClosedError,
     TransportError,
     TransportUnavailableError,
@@ -44,11 +46,13 @@ __all__ = [
     "InvalidTagError",
     "LoopbackTransport",
     "MPITransport",
+    "NixlTransport",
     "PeerUnknownError",
     "Regions",
     "RegionsUnsupportedError",
     "TorchDistTransport",
     "Transport",
+    "TransportBootstrapError",
     "TransportClosedError",
     "TransportError",
     "TransportHandle",

@@ -186,6 +186,9 @@ class Transport(abc.ABC):
     cancellable_kinds: frozenset[HandleKind] = frozenset()
     #: True when ``post_send_regions`` / ``post_recv_regions`` move regions natively.
     moves_regions: bool = False
+    #: True when a receive makes its memory writable by the peer with no further operation
+    #: of its own (NIXL): its handle is final only when the peer says it is done with it.
+    one_sided: bool = False
 
     def __init__(self) -> None:
         self._ready: collections.deque[TransportHandle] = collections.deque()

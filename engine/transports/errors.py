@@ -27,6 +27,7 @@ __all__ = [
     "ProtocolError",
     "RegionsUnsupportedError",
     "TrailingBytesError",
+    "TransportBootstrapError",
     "TransportClosedError",
     "TransportError",
     "TransportUnavailableError",
@@ -131,6 +132,15 @@ class TransportUnavailableError(TransportError):
         self.backend = backend
         self.hint = hint
         super().__init__(f"the {backend} transport is unavailable: {hint}")
+
+
+class TransportBootstrapError(TransportError):
+    """The ranks of a transport could not connect: a metadata exchange or rendezvous timed
+    out, or a peer's metadata was not accepted. Nothing was posted."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"transport bootstrap failed: {reason}")
 
 
 class ProtocolError(_Picklable):

@@ -10,6 +10,15 @@ CollectiveTimeoutError with the arrived / missing ranks and their last known pos
 the flight recorder is dumped to the log. After any failed call the communicator is unusable
 (CommClosedError): its peers are out of step, and continuing would only cascade.
 
+A wait reports the earliest failure on the communicator. Non-blocking calls may be posted and
+left unwaited; every poll of a handle first progresses the earlier handles still pending on
+the same communicator, so a desync of an earlier call (which every rank of that call sees,
+since every rank gets every fingerprint) surfaces at once from whichever handle this rank
+waits on, and the failed handle's error becomes every later pending handle's error. A
+failure only this rank sees (its deadline passed while a peer was merely late; the backend
+broke) is told to the peers as an ABORT at this rank's next position: a peer that completes
+the failed call and goes on gets CollectiveAbortedError naming this rank within one poll.
+
 Buffer collectives on backends that move raw buffers (MPI, torch.distributed) cannot carry a
 fingerprint; there ``buffer_check="preflight"`` first exchanges the fingerprint (with dtype
 and shape) as a small object exchange (a small numpy buffer, up to the backend's
@@ -70,8 +79,9 @@ class CollectiveHandle:
     """A posted collective. ``test()`` never blocks: it returns True once the checked result
     is ready and raises CollectiveDesyncError / CollectiveAbortedError on a mismatch and
     CollectiveTimeoutError once the deadline has passed. ``result()`` returns the value,
-    polling until then if needed (bounded by the same deadline). Errors are sticky: every
-    later test()/result() raises the same error."""
+    polling until then if needed (bounded by the same deadline). Both also progress the
+    earlier calls still pending on the communicator and raise the earliest failure among
+    them. Errors are sticky: every later test()/result() raises the same error."""
 
     __slots__ = ("_announced", "_buffer_stage", "_comm", "_deadline", "_done", "_error",
                  "_exchange", "_finish", "_fp", "_half", "_value", "entry")
@@ -92,6 +102,7 @@ class CollectiveHandle:
         self._done = False
         self._error: BaseException | None = None
         self._value: Any = None
+        comm._inflight.append(self)
 
     @property
     def done(self) -> bool:
@@ -120,6 +131,19 @@ class CollectiveHandle:
             return True
         if self._error is not None:
             raise self._error
+        inflight = self._comm._inflight
+        if inflight[0] is not self:
+            # Earlier calls of this communicator are still pending: progress them first, so
+            # that the earliest failure (a desync a peer has already seen) surfaces here now,
+            # not at this call's deadline. A failure of one fails every later handle.
+            for earlier in tuple(inflight):
+                if earlier is self:
+                    break
+                earlier._step(1)
+        return self._step(spins)
+
+    def _step(self, spins: int) -> bool:
+        """Progress this call's own exchange (see _poll, which also progresses earlier ones)."""
         try:
             exchange = self._exchange
             # Small collectives complete within microseconds: spin on the exchange alone
@@ -137,11 +161,12 @@ class CollectiveHandle:
                 self._announced = True
                 self._comm._backend.announce(self.entry.position())
         except CollectiveError as exc:
-            self._error = exc
+            self._comm._fail(self, exc)
             raise
         except (RuntimeError, OSError) as exc:  # what MPI / gloo raise when a peer is gone
-            self._error = self._comm._backend_failed(self.entry, exc)
-            raise self._error from exc
+            error = self._comm._backend_failed(self.entry, exc)
+            self._comm._fail(self, error)
+            raise error from exc
         return False
 
     wait = result
@@ -173,6 +198,11 @@ class CollectiveHandle:
         entry.end = time.time()
         entry.state = "completed"
         self._done = True
+        inflight = self._comm._inflight
+        if inflight[0] is self:
+            del inflight[0]
+        else:
+            inflight.remove(self)
         if _logging._per_call and _logging._log_dir is not None:
             self._comm._log.debug(
                 "collective.exit", comm=self._comm.name, seq=entry.seq, op=entry.op,
@@ -209,6 +239,11 @@ class CheckedComm:
         self._record = self.recorder._ring.append  # the hot path's FlightRecorder.start
         self._seq = 0
         self._unusable: str | None = None
+        # Posted handles not yet completed or failed, in seq order (see CollectiveHandle._poll).
+        self._inflight: list[CollectiveHandle] = []
+        # Set once this rank has sent its peers its last word on the wire (an ABORT after a
+        # local failure or timeout): close() then sends nothing more.
+        self._peers_told = False
         self._log = _logging.rank_logger(backend.log_rank)
         if watchdog:
             _watchdog.register(self)
@@ -255,7 +290,9 @@ class CheckedComm:
             return
         self._unusable = "closed"
         _watchdog.unregister(self)
-        self._backend.close(self._seq)
+        if not self._peers_told:
+            self._peers_told = True
+            self._backend.close(self._seq)
 
     def dump(self, reason: str = "request") -> list[dict[str, Any]]:
         """Write the flight recorder to the log (``flight_recorder.dump``) and return it."""
@@ -491,8 +528,38 @@ class CheckedComm:
         entry.state = "failed"
         entry.end = time.time()
         self._unusable = f"call seq {entry.seq} failed on this rank: {error}"
+        self._peers_told = True
         self._backend.post(entry.seq, ABORT, (fp, str(error).splitlines()[0]), b"")
         raise error
+
+    def _fail(self, handle: CollectiveHandle, error: CollectiveError) -> None:
+        """``handle`` failed with ``error``: it and every later pending handle keep that error
+        (the earliest failure is what any later wait reports)."""
+        inflight = self._inflight
+        at = next((i for i, h in enumerate(inflight) if h is handle), None)
+        if at is None:
+            return  # already failed through an earlier handle
+        now = time.time()
+        for later in inflight[at:]:
+            later._error = error
+            if later is not handle and later.entry.state == "pending":
+                later.entry.state = "failed"
+                later.entry.end = now
+        del inflight[at:]
+
+    def _tell_peers(self, entry: RecordEntry, why: str) -> None:
+        """After a failure only this rank saw (a timeout, a backend error): post an ABORT at
+        this rank's next position, so a peer that completes the failed call and goes on gets
+        CollectiveAbortedError naming this rank at once instead of waiting out a deadline.
+        (A desync or an abort needs no word: every rank sees the same contributions.)"""
+        if self._peers_told:
+            return
+        self._peers_told = True
+        reason = f"collective seq {entry.seq} {entry.op} at {entry.site} {why} on this rank"
+        try:
+            self._backend.post(self._seq, ABORT, ((self._seq,), reason), b"")
+        except (RuntimeError, OSError):
+            pass  # best effort: the backend is what failed
 
     def _check(self, contributions: list[Contribution], fp: tuple[Any, ...],
                entry: RecordEntry) -> list[Any]:
@@ -531,6 +598,7 @@ class CheckedComm:
         entry.state = "failed"
         entry.end = time.time()
         self._unusable = f"the backend failed in collective seq {entry.seq}"
+        self._tell_peers(entry, f"failed in the backend ({type(cause).__name__})")
         return CollectiveBackendError(self.name, self.rank, entry.seq, cause)
 
     def _desync(self, entry: RecordEntry, headers: dict[int, Fingerprint],
@@ -553,6 +621,7 @@ class CheckedComm:
         entry.state = "timeout"
         entry.end = time.time()
         self._unusable = f"collective seq {entry.seq} timed out"
+        self._tell_peers(entry, f"timed out after {deadline_s:g}s")
         backend = self._backend
         mine = entry.position()
         backend.announce(mine)

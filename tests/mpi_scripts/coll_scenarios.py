@@ -143,6 +143,37 @@ def run_scenarios(make: Factory, rank: int, size: int) -> None:
         assert err.reasons == {0: "closed the communicator"}
     ok("closed")
 
+    # Issue 13 item 3: rank 1 skips a collective; then every rank posts two non-blocking
+    # calls and waits on the second. Rank 1 must see the desync of seq 0 (its earlier,
+    # unwaited call), not wait out the deadline of the second.
+    comm = make("diverge-pending", 20.0)
+    if rank != 1:
+        err = expect(CollectiveDesyncError, lambda: comm.allreduce(1))
+    else:
+        first = comm.ibarrier()
+        second = comm.iallgather(rank)
+        err = expect(CollectiveDesyncError, second.result)
+        assert expect(CollectiveDesyncError, first.result) is err
+    assert err.seq == 0 and err.mismatched_ranks == [1], (err.seq, err.mismatched_ranks)
+    assert {f.op for f in err.table.values()} == {"allreduce", "barrier"}
+    assert all(f.site in str(err) for f in err.table.values())
+    ok("diverge-pending")
+
+    # A rank that gave up on a call (its deadline passed while a peer was late) tells its
+    # peers at its next position: they complete that call with its contribution and then
+    # get CollectiveAbortedError naming it at once, not a timeout at their own deadline.
+    side = make("timeout-notice-side", 20.0)
+    comm = make("timeout-notice", 20.0)
+    if rank == 0:
+        expect(CollectiveTimeoutError, lambda: comm.allgather(rank, tag="a", timeout=0.5))
+        side.barrier(tag="given-up")  # the others start only once this rank has given up
+    else:
+        side.barrier(tag="given-up")
+        assert comm.allgather(rank, tag="a") == list(range(size))
+        err = expect(CollectiveAbortedError, lambda: comm.allgather(rank, tag="b"))
+        assert list(err.reasons) == [0] and "timed out" in err.reasons[0], err.reasons
+    ok("timeout-notice")
+
     # Last: after a timeout the wire of this communicator is out of step for good.
     comm = make("seed001-missing", 2.0)
     comm.barrier(tag="start")

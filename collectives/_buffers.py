@@ -13,6 +13,8 @@ BUFFER_REDUCE_OPS = ("sum", "min", "max")
 
 # numpy.ndarray and torch.Tensor always have a dtype: their kind is cached per type.
 _KIND_OF_TYPE: dict[type, str] = {}
+# numpy dtype -> its name in the fingerprint (``dtype.str`` is slower than a dict hit).
+_NUMPY_DTYPE_NAMES: dict[Any, str] = {}
 
 
 def buffer_kind(buffer: object) -> str:
@@ -40,9 +42,18 @@ def describe(buffer: Any) -> tuple[str, str, tuple[int, ...]]:
     """(kind, dtype, shape): the part of a buffer call that must agree across ranks.
 
     numpy's ``str(dtype)`` runs Python code; ``dtype.str`` (e.g. ``<i8``) is a C attribute."""
-    kind = buffer_kind(buffer)
-    dtype = buffer.dtype.str if kind == "numpy" else str(buffer.dtype)
-    return (kind, dtype, tuple(buffer.shape))
+    kind = _KIND_OF_TYPE.get(type(buffer)) or buffer_kind(buffer)
+    dtype = buffer.dtype
+    if kind == "numpy":
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = dtype.str
+            if len(_NUMPY_DTYPE_NAMES) < 256:
+                _NUMPY_DTYPE_NAMES[dtype] = name
+    else:
+        name = str(dtype)
+    shape = buffer.shape
+    return (kind, name, shape if type(shape) is tuple else tuple(shape))
 
 
 def copy(buffer: Any) -> Any:
@@ -99,14 +110,14 @@ def small_numpy(buffer: Any, limit: int) -> Any:
     return send
 
 
-def rows_to_array(rows: list[Any], like: Any) -> Any:
-    """Per-rank raw bytes of arrays shaped like ``like`` (a numpy array) stacked into one new
-    array with a leading axis of length ``len(rows)``."""
+def rows_to_result(rows: list[Any], like: Any, reduce_op: str | None) -> Any:
+    """Per-rank raw bytes of arrays shaped like ``like`` (a numpy array) as the result of a
+    buffer collective: stacked along a new leading axis of length ``len(rows)``, or reduced."""
     import numpy as np
 
-    # copy(): a fresh array that owns its memory, as a raw-buffer exchange returns.
-    joined = np.frombuffer(b"".join(rows), dtype=like.dtype)
-    return joined.reshape((len(rows), *like.shape)).copy()
+    # A fresh writable bytearray under the array: nothing aliases a channel or a peer.
+    joined = np.frombuffer(bytearray().join(rows), dtype=like.dtype)
+    return stacked_result(joined.reshape((len(rows), *like.shape)), reduce_op)
 
 
 def stacked_result(gathered: Any, reduce_op: str | None) -> Any:

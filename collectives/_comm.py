@@ -34,6 +34,7 @@ import pickle
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import _buffers, _logging, _watchdog
@@ -73,6 +74,38 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 
 def _loads_all(payloads: list[Any]) -> list[Any]:
     return list(map(pickle.loads, payloads))
+
+
+def _nothing(_payloads: list[Any]) -> None:
+    return None
+
+
+def _load_root(root: int, payloads: list[Any]) -> Any:
+    return pickle.loads(payloads[root])
+
+
+def _reduce_all(fn: Callable[[Any, Any], Any] | None, payloads: list[Any]) -> Any:
+    # fn is None only for an unknown op, which fails locally before anything is exchanged.
+    values = _loads_all(payloads)
+    acc = values[0]
+    for v in values[1:]:
+        acc = fn(acc, v)  # type: ignore[misc]
+    return acc
+
+
+def _any_of(payloads: list[Any]) -> bool:
+    return any(_loads_all(payloads))
+
+
+def _all_of(payloads: list[Any]) -> bool:
+    return all(_loads_all(payloads))
+
+
+def _log_exit(comm: CheckedComm, entry: RecordEntry) -> None:
+    comm._log.debug(
+        "collective.exit", comm=comm.name, seq=entry.seq, op=entry.op, site=entry.site,
+        tag=entry.tag, duration_s=entry.end - entry.start,  # type: ignore[operator]
+        state=entry.state)
 
 
 class CollectiveHandle:
@@ -181,7 +214,10 @@ class CollectiveHandle:
             self._value = self._exchange.result()
             self._complete()
             return
-        payloads = comm._check(self._exchange.contributions(), self._fp, self.entry)
+        exchange = self._exchange
+        payloads = exchange.agreed()
+        if payloads is None:
+            payloads = comm._check(exchange.contributions(), self._fp, self.entry)
         if self._buffer_stage is not None:
             # Preflight passed: now move the buffers themselves.
             self._exchange = self._buffer_stage()
@@ -204,10 +240,7 @@ class CollectiveHandle:
         else:
             inflight.remove(self)
         if _logging._per_call and _logging._log_dir is not None:
-            self._comm._log.debug(
-                "collective.exit", comm=self._comm.name, seq=entry.seq, op=entry.op,
-                site=entry.site, tag=entry.tag, duration_s=entry.end - entry.start,
-                state=entry.state)
+            _log_exit(self._comm, entry)
 
 
 class CheckedComm:
@@ -306,7 +339,8 @@ class CheckedComm:
     def allgather(self, obj: Any, *, tag: str | None = None,
                   timeout: float | None = None) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
-        return self._post("allgather", obj, tag, timeout, None, None, _loads_all).result()
+        return self._post("allgather", obj, tag, timeout, None, None,  # type: ignore[no-any-return]
+                          _loads_all, wait=True)
 
     def iallgather(self, obj: Any, *, tag: str | None = None,
                    timeout: float | None = None) -> CollectiveHandle:
@@ -317,83 +351,69 @@ class CheckedComm:
                timeout: float | None = None) -> list[Any] | None:
         """Every rank's ``obj`` on ``root`` (None elsewhere). Every rank still checks every
         fingerprint: on the wire this is an allgather, so keep gathered objects small."""
-        return self.igather(obj, root, tag=tag, timeout=timeout).result()
+        return self._post("gather", obj, tag, timeout, root, None,  # type: ignore[no-any-return]
+                          _loads_all if self.rank == root else _nothing, wait=True)
 
     def igather(self, obj: Any, root: int = 0, *, tag: str | None = None,
                 timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking gather."""
-        mine = self.rank == root
-
-        def finish(payloads: list[Any]) -> list[Any] | None:
-            return _loads_all(payloads) if mine else None
-
-        return self._post("gather", obj, tag, timeout, root, None, finish)
+        return self._post("gather", obj, tag, timeout, root, None,
+                          _loads_all if self.rank == root else _nothing)
 
     def bcast(self, obj: Any = None, root: int = 0, *, tag: str | None = None,
               timeout: float | None = None) -> Any:
         """``root``'s ``obj`` on every rank (others' ``obj`` is ignored and not sent)."""
-        return self.ibcast(obj, root, tag=tag, timeout=timeout).result()
+        return self._post("bcast", obj, tag, timeout, root, None, partial(_load_root, root),
+                          send=self.rank == root, wait=True)
 
     def ibcast(self, obj: Any = None, root: int = 0, *, tag: str | None = None,
                timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking bcast."""
-
-        def finish(payloads: list[Any]) -> Any:
-            return pickle.loads(payloads[root])
-
-        return self._post("bcast", obj, tag, timeout, root, None, finish,
+        return self._post("bcast", obj, tag, timeout, root, None, partial(_load_root, root),
                           send=self.rank == root)
 
     def allreduce(self, value: Any, op: str = "sum", *, tag: str | None = None,
                   timeout: float | None = None) -> Any:
         """Reduce every rank's ``value`` with ``op`` (sum, min, max, or, and) in rank order;
         every rank gets the same result."""
-        return self.iallreduce(value, op, tag=tag, timeout=timeout).result()
+        return self._post("allreduce", value, tag, timeout, None, op,
+                          partial(_reduce_all, REDUCE_OPS.get(op)), wait=True)
 
     def iallreduce(self, value: Any, op: str = "sum", *, tag: str | None = None,
                    timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking allreduce."""
-        fn = REDUCE_OPS.get(op)
-
-        def finish(payloads: list[Any]) -> Any:
-            values = _loads_all(payloads)
-            acc = values[0]
-            for v in values[1:]:
-                acc = fn(acc, v)  # type: ignore[misc]
-            return acc
-
-        return self._post("allreduce", value, tag, timeout, None, op, finish)
+        return self._post("allreduce", value, tag, timeout, None, op,
+                          partial(_reduce_all, REDUCE_OPS.get(op)))
 
     def barrier(self, *, tag: str | None = None, timeout: float | None = None) -> None:
         """Return once every rank reached the same barrier."""
-        self.ibarrier(tag=tag, timeout=timeout).result()
+        self._post("barrier", None, tag, timeout, None, None, _nothing, send=False, wait=True)
 
     def ibarrier(self, *, tag: str | None = None,
                  timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking barrier."""
-        return self._post("barrier", None, tag, timeout, None, None, lambda _p: None,
-                          send=False)
+        return self._post("barrier", None, tag, timeout, None, None, _nothing, send=False)
 
     def any(self, flag: bool, *, tag: str | None = None, timeout: float | None = None) -> bool:
         """True on every rank if ``flag`` is true on any rank: the gate to put in front of a
         collective that only some ranks locally want (seed 001)."""
-        return bool(self.iany(flag, tag=tag, timeout=timeout).result())
+        return bool(self._post("any", bool(flag), tag, timeout, None, "or", _any_of,
+                               wait=True))
 
     def iany(self, flag: bool, *, tag: str | None = None,
              timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking any."""
-        return self._post("any", bool(flag), tag, timeout, None, "or",
-                          lambda p: any(_loads_all(p)))
+        return self._post("any", bool(flag), tag, timeout, None, "or", _any_of)
 
     def all(self, flag: bool, *, tag: str | None = None, timeout: float | None = None) -> bool:
         """True on every rank if ``flag`` is true on every rank."""
-        return bool(self.iall(flag, tag=tag, timeout=timeout).result())
+        return bool(self._post("all", bool(flag), tag, timeout, None, "and", _all_of,
+                               wait=True))
 
     def iall(self, flag: bool, *, tag: str | None = None,
              timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking all."""
-        return self._post("all", bool(flag), tag, timeout, None, "and",
-                          lambda p: all(_loads_all(p)))
+        return self._post("all", bool(flag), tag, timeout, None, "and", _all_of)
 
     # -- buffer collectives -------------------------------------------------------------
 
@@ -401,7 +421,7 @@ class CheckedComm:
                          timeout: float | None = None) -> Any:
         """Stack every rank's buffer (numpy array or torch tensor, same dtype and shape on
         every rank) into a new leading axis of length ``size``."""
-        return self.iallgather_buffer(buffer, tag=tag, timeout=timeout).result()
+        return self._post_buffer("allgather_buffer", buffer, None, tag, timeout, wait=True)
 
     def iallgather_buffer(self, buffer: Any, *, tag: str | None = None,
                           timeout: float | None = None) -> CollectiveHandle:
@@ -411,7 +431,7 @@ class CheckedComm:
     def allreduce_buffer(self, buffer: Any, op: str = "sum", *, tag: str | None = None,
                          timeout: float | None = None) -> Any:
         """Elementwise reduction (sum, min, max) of every rank's buffer; returns a new buffer."""
-        return self.iallreduce_buffer(buffer, op, tag=tag, timeout=timeout).result()
+        return self._post_buffer("allreduce_buffer", buffer, op, tag, timeout, wait=True)
 
     def iallreduce_buffer(self, buffer: Any, op: str = "sum", *, tag: str | None = None,
                           timeout: float | None = None) -> CollectiveHandle:
@@ -454,7 +474,8 @@ class CheckedComm:
 
     def _post(self, op: str, obj: Any, tag: str | None, timeout: float | None,
               root: int | None, reduce_op: str | None, finish: Callable[[list[Any]], Any],
-              send: bool = True) -> CollectiveHandle:
+              send: bool = True, wait: bool = False) -> Any:
+        """Post one object collective: its handle, or with ``wait`` its checked value."""
         if root is None and reduce_op is None and timeout is None and (
                 tag is None or type(tag) is str):
             problem = None  # the common calls: nothing to validate
@@ -471,11 +492,38 @@ class CheckedComm:
                 f"{op} payload {entry.summary} at {entry.site} cannot be pickled ({exc}); "
                 "send plain data (numbers, strings, lists, dicts, dataclasses)", exc))
         exchange = self._backend.post(entry.seq, NORMAL, fp, payload)
+        if wait:
+            return self._wait(entry, fp, exchange, finish, deadline_s)
         return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
 
+    def _wait(self, entry: RecordEntry, fp: tuple[Any, ...], exchange: Any,
+              finish: Callable[[list[Any]], Any], deadline_s: float) -> Any:
+        """A blocking call's wait. With nothing else pending on this communicator, spin on the
+        exchange and finish here when every rank made exactly this call (the common case:
+        no handle, no clock read); anything else (a longer wait, a mismatch to report,
+        earlier calls to progress) is a handle's result()."""
+        if not self._inflight:
+            try:
+                for _ in range(_SPINS_PER_POLL):
+                    if exchange.test():
+                        payloads = exchange.agreed()
+                        if payloads is None:
+                            break
+                        value = finish(payloads)
+                        entry.end = time.time()
+                        entry.state = "completed"
+                        if _logging._per_call and _logging._log_dir is not None:
+                            _log_exit(self, entry)
+                        return value
+            except (RuntimeError, OSError) as exc:  # what MPI / gloo raise when a peer is gone
+                raise self._backend_failed(entry, exc) from exc
+        return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s).result()
+
     def _post_buffer(self, op: str, buffer: Any, reduce_op: str | None, tag: str | None,
-                     timeout: float | None) -> CollectiveHandle:
-        problem = self._validate(None, None, tag, timeout)
+                     timeout: float | None, wait: bool = False) -> Any:
+        """Post one buffer collective: its handle, or with ``wait`` its result."""
+        problem = (None if tag is None and timeout is None
+                   else self._validate(None, None, tag, timeout))
         extra: tuple[Any, ...] | None = None
         if problem is None:
             try:
@@ -491,36 +539,40 @@ class CheckedComm:
         if problem is not None:
             self._fail_locally(entry, fp, CollectiveArgumentError(problem))
         backend = self._backend
+        finish: Callable[[list[Any]], Any]
         if backend.piggyback_buffers:
             copy = _buffers.copy(buffer)
             if reduce_op is None:
-                finish: Callable[[list[Any]], Any] = _buffers.stack
+                finish = _buffers.stack
             else:
-                def finish(buffers: list[Any]) -> Any:
-                    return _buffers.reduce(buffers, reduce_op)
+                finish = partial(_buffers.reduce, reduce_op=reduce_op)
             exchange = backend.post(entry.seq, NORMAL, fp, copy)
-            return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
+        else:
+            send = _buffers.small_numpy(buffer, backend.inline_buffer_bytes)
+            if send is not None:
+                # A small buffer rides with its fingerprint, in either buffer_check mode: one
+                # exchange, checked. The choice depends only on (dtype, shape), which the
+                # check compares, and the rows are used only once every fingerprint agrees.
+                finish = partial(_buffers.rows_to_result, like=send, reduce_op=reduce_op)
+                exchange = backend.post(entry.seq, NORMAL, fp, send.tobytes(), True)
+            else:
+                def post_buffer() -> Any:
+                    if reduce_op is None:
+                        return backend.post_buffer_allgather(buffer)
+                    return backend.post_buffer_allreduce(buffer, reduce_op)
 
-        def post_buffer() -> Any:
-            if reduce_op is None:
-                return backend.post_buffer_allgather(buffer)
-            return backend.post_buffer_allreduce(buffer, reduce_op)
-
-        if self.buffer_check == "off":
-            return CollectiveHandle(self, entry, fp, post_buffer(), None, None, deadline_s)
-        send = _buffers.small_numpy(buffer, backend.inline_buffer_bytes)
-        if send is not None:
-            # A small buffer rides with its fingerprint: one exchange instead of two. The
-            # choice depends only on (dtype, shape), which the check compares, and the rows
-            # are used only once every fingerprint agrees.
-            def finish_inline(rows: list[Any]) -> Any:
-                return _buffers.stacked_result(_buffers.rows_to_array(rows, send), reduce_op)
-
-            exchange = backend.post(entry.seq, NORMAL, fp, send.tobytes())
-            return CollectiveHandle(self, entry, fp, exchange, finish_inline, None, deadline_s)
-        exchange = backend.post(entry.seq, NORMAL, fp, b"")
-        return CollectiveHandle(self, entry, fp, exchange, lambda _p: None, post_buffer,
-                                deadline_s)
+                if self.buffer_check == "off":
+                    handle = CollectiveHandle(self, entry, fp, post_buffer(), None, None,
+                                              deadline_s)
+                    return handle.result() if wait else handle
+                # Preflight: the fingerprint first, then the buffers themselves.
+                exchange = backend.post(entry.seq, NORMAL, fp, b"")
+                handle = CollectiveHandle(self, entry, fp, exchange, _nothing, post_buffer,
+                                          deadline_s)
+                return handle.result() if wait else handle
+        if wait:
+            return self._wait(entry, fp, exchange, finish, deadline_s)
+        return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
 
     def _fail_locally(self, entry: RecordEntry, fp: tuple[Any, ...],
                       error: CollectiveError) -> None:

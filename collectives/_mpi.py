@@ -45,8 +45,10 @@ except ImportError as exc:
     ) from exc
 
 SLOT_BYTES = 512
-# kind, header format, seq, header length, payload length.
-_PREFIX = struct.Struct("<BBqII")
+# payload length, kind, header format, seq, header length: the payload length comes first, so
+# that the rest of the prefix and the header bytes that follow are one packed fingerprint.
+_PREFIX = struct.Struct("<IBBqI")
+_PLEN = struct.Struct("<I")
 _FULL = 0  # the header is the pickled header tuple
 _STATIC = 1  # the header is (seq,) + the pickled rest: seq travels in the prefix
 _SLOT_TAG = 1
@@ -98,32 +100,46 @@ class _Channel:
 
 class _MPIExchange:
     __slots__ = (
+        "_agreed",
         "_backend",
         "_bodies",
         "_body",
         "_body_reqs",
         "_channel",
         "_header",
+        "_hlen",
+        "_key",
+        "_key_at",
         "_phase",
+        "_plen",
+        "_plens",
         "_prefixes",
         "_rank",
         "_recvs",
+        "_same_len",
         "_seq",
         "_static",
-        "polls",
         "waiting_since",
     )
 
     def __init__(self, backend: MPIBackend, seq: int, kind: int, header: Any, payload: Any,
-                 receive: bool = True) -> None:
+                 receive: bool = True, same_len: bool = False) -> None:
         rank = backend.rank
         self._backend = backend
         self._rank = rank
         self._seq = seq
         self._header = header
-        self.polls = 0
+        self._same_len = same_len
         self.waiting_since = 0.0
-        static = backend._static_header(seq, header) if kind == NORMAL else None
+        static: bytes | None = None
+        if kind == NORMAL:
+            # Inline of _static_header's cache hit (the hot path).
+            try:
+                static = backend._headers.get(header[1:]) if header[0] == seq else None
+            except TypeError:  # an unhashable part
+                static = None
+            if static is None:
+                static = backend._static_header(seq, header)
         self._static = static
         if static is not None:
             fmt, header_bytes = _STATIC, static
@@ -132,19 +148,28 @@ class _MPIExchange:
             header_bytes = (pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
                             if header is not None else b"")
         hlen, plen = len(header_bytes), len(payload)
-        channel = backend._channel()
+        self._hlen, self._plen = hlen, plen
+        free = backend._free
+        channel = free.pop() if free and not backend._draining else backend._channel()
         self._channel: _Channel | None = channel
         slots = channel.slots
         base = rank * SLOT_BYTES
-        _PREFIX.pack_into(slots, base, kind, fmt, seq, hlen, plen)
+        _PREFIX.pack_into(slots, base, plen, kind, fmt, seq, hlen)
         start = base + _PREFIX.size
         inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
         if inline:
             slots[start:start + hlen] = header_bytes
             slots[start + hlen:start + hlen + plen] = payload
             self._body: bytes = b""
+            # The packed fingerprint: kind, format, seq, header length and the header bytes
+            # (plus the payload length when every rank's must be equal). A peer whose slot
+            # starts with the same bytes made the same call; one compare per peer.
+            self._key_at = 0 if same_len else _PLEN.size
+            self._key: bytes | None = (bytes(slots[base + self._key_at:start + hlen])
+                                       if static is not None else None)
         else:
             self._body = header_bytes + bytes(payload)
+            self._key = None
         # A rank that aborts or closes never waits for this call: it only sends.
         if receive:
             recvs = channel.recvs
@@ -159,6 +184,8 @@ class _MPIExchange:
             comm = backend._comm
             backend._track([comm.Isend(self._body, r, _BODY_TAG)
                             for r in range(backend.size) if r != rank])
+        self._agreed = False
+        self._plens: list[int] | None = None
         self._body_reqs: list[Any] = []
         self._bodies: dict[int, bytearray] = {}
         self._prefixes: list[tuple[int, int, int, int, int]] = []
@@ -171,7 +198,6 @@ class _MPIExchange:
     def test(self) -> bool:
         if self._phase == 3:
             return True
-        self.polls += 1
         if self._phase == 1:
             # Request.Test per request is several times cheaper than Request.Testall on a
             # list; a completed persistent request is inactive, and testing it again is a
@@ -180,9 +206,20 @@ class _MPIExchange:
                 if not request.Test():
                     return False
             slots = self._channel.slots  # type: ignore[union-attr]
+            key = self._key
+            if key is not None:
+                at = self._key_at
+                for base in self._backend._peer_bases:
+                    if not slots.startswith(key, base + at):
+                        break
+                else:
+                    if self._same_len or self._lengths_fit(slots):
+                        self._agreed = True
+                        self._phase = 3
+                        return True
             self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
                               for r in range(len(slots) // SLOT_BYTES)]
-            for r, (_kind, _fmt, _seq, hlen, plen) in enumerate(self._prefixes):
+            for r, (plen, _kind, _fmt, _seq, hlen) in enumerate(self._prefixes):
                 if r != self._rank and _PREFIX.size + hlen + plen > SLOT_BYTES:
                     buf = self._bodies[r] = bytearray(hlen + plen)
                     self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
@@ -195,6 +232,41 @@ class _MPIExchange:
         self._phase = 3
         return True
 
+    def _lengths_fit(self, slots: bytearray) -> bool:
+        """Every rank's fingerprint equals ours: do all payloads fit in their slots too?
+        (A slot whose body did not fit holds stale bytes after its prefix.)"""
+        limit = SLOT_BYTES - _PREFIX.size - self._hlen
+        plens = [_PLEN.unpack_from(slots, base)[0] for base in self._backend._bases]
+        for plen in plens:
+            if plen > limit:
+                return False
+        self._plens = plens
+        return True
+
+    def agreed(self) -> list[Any] | None:
+        """Every rank's payload when every peer's slot starts with our packed fingerprint, else
+        None: then contributions() has every rank's header for the full check."""
+        if not self._agreed:
+            return None
+        channel = self._channel
+        assert channel is not None
+        slots = channel.slots
+        off = _PREFIX.size + self._hlen
+        if self._plens is None:
+            end = off + self._plen
+            out = [slots[base + off:base + end] for base in self._backend._bases]
+        else:
+            out = [slots[base + off:base + off + plen]
+                   for base, plen in zip(self._backend._bases, self._plens, strict=True)]
+        self._channel = None
+        backend = self._backend
+        for request in channel.sends:  # inline of _release
+            if not request.Test():
+                backend._draining.append(channel)
+                return out
+        backend._keep(channel)
+        return out
+
     def contributions(self) -> list[Contribution]:
         """Every rank's (kind, header, payload); payloads are copied out of the channel,
         which goes back to the pool."""
@@ -202,8 +274,12 @@ class _MPIExchange:
         channel = self._channel
         assert channel is not None and self._phase == 3
         slots = channel.slots
+        if self._agreed:  # every header equals ours
+            payloads = self.agreed()
+            assert payloads is not None
+            return [(NORMAL, self._header, payload) for payload in payloads]
         static, own, seq = self._static, self._rank, self._seq
-        for rank, (kind, fmt, peer_seq, hlen, plen) in enumerate(self._prefixes):
+        for rank, (plen, kind, fmt, peer_seq, hlen) in enumerate(self._prefixes):
             base = rank * SLOT_BYTES + _PREFIX.size
             inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
             if inline:
@@ -236,7 +312,7 @@ class _MPIExchange:
 class _MPIBufferExchange:
     """Every rank's buffer, moved point-to-point; the result is stacked or reduced."""
 
-    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "polls", "waiting_since")
+    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "waiting_since")
 
     def __init__(self, backend: MPIBackend, buffer: Any, reduce_op: str | None) -> None:
         import numpy as np
@@ -253,11 +329,9 @@ class _MPIBufferExchange:
         backend._track([comm.Isend(send, dest=r, tag=_BUFFER_TAG) for r in peers])
         self._gathered = gathered
         self._reduce_op = reduce_op
-        self.polls = 0
         self.waiting_since = 0.0
 
     def test(self) -> bool:
-        self.polls += 1
         recvs = self._recvs
         while recvs:
             if not recvs[-1].Test():
@@ -284,6 +358,9 @@ class MPIBackend:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self.log_rank = MPI.COMM_WORLD.Get_rank()
+        # Where each rank's slot starts in a channel (all ranks; peers only).
+        self._bases = [r * SLOT_BYTES for r in range(self.size)]
+        self._peer_bases = [r * SLOT_BYTES for r in range(self.size) if r != self.rank]
         self._known: dict[int, Position] = {}
         self._sends: list[Any] = []
         self._headers: dict[tuple[Any, ...], bytes] = {}
@@ -339,8 +416,9 @@ class MPIBackend:
                 self._headers[rest] = found
         return found
 
-    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> _MPIExchange:
-        return _MPIExchange(self, seq, kind, header, payload, receive=kind == NORMAL)
+    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any,
+             same_len: bool = False) -> _MPIExchange:
+        return _MPIExchange(self, seq, kind, header, payload, kind == NORMAL, same_len)
 
     def post_buffer_allgather(self, buffer: Any) -> _MPIBufferExchange:
         return _MPIBufferExchange(self, buffer, None)

@@ -95,29 +95,38 @@ def check_reduce_op(reduce_op: str) -> None:
         )
 
 
-def small_numpy(buffer: Any, limit: int) -> Any:
-    """``buffer`` as a C-contiguous numpy array when it is a numpy array of plain data of
-    at most ``limit`` bytes (small enough to travel inline with its fingerprint), else None."""
-    if limit <= 0 or type(buffer).__module__ != "numpy":
-        return None
-    import numpy as np
-
-    send = np.ascontiguousarray(buffer)
-    # Plain numbers only: for them ``dtype.str`` (in the fingerprint) fixes the dtype, so
-    # every rank whose fingerprint agrees makes the same choice.
-    if send.dtype.kind not in "biufc" or send.nbytes > limit:
-        return None
-    return send
+def inline_numpy(buffer: Any, described: tuple[str, str, tuple[int, ...]], limit: int) -> bool:
+    """True when ``buffer`` (``describe``'d) is a numpy array of plain numbers of at most
+    ``limit`` bytes: small enough to travel inline with its fingerprint (as ``tobytes()``,
+    C order whatever its strides)."""
+    # Plain numbers only (dtype.str's second character is the kind): for them ``dtype.str``
+    # and the shape, both in the fingerprint, fix the choice, so every rank whose
+    # fingerprint agrees makes the same one.
+    return (limit > 0 and described[0] == "numpy" and described[1][1] in "biufc"
+            and buffer.nbytes <= limit)
 
 
-def rows_to_result(rows: list[Any], like: Any, reduce_op: str | None) -> Any:
-    """Per-rank raw bytes of arrays shaped like ``like`` (a numpy array) as the result of a
-    buffer collective: stacked along a new leading axis of length ``len(rows)``, or reduced."""
-    import numpy as np
-
+def rows_to_result(rows: list[Any], dtype: Any, shape: tuple[int, ...],
+                   reduce_op: str | None) -> Any:
+    """Per-rank raw bytes of numpy arrays of ``dtype`` and ``shape`` as the result of a buffer
+    collective: stacked along a new leading axis of length ``len(rows)``, or reduced."""
+    np = _numpy()
     # A fresh writable bytearray under the array: nothing aliases a channel or a peer.
-    joined = np.frombuffer(bytearray().join(rows), dtype=like.dtype)
-    return stacked_result(joined.reshape((len(rows), *like.shape)), reduce_op)
+    joined = np.frombuffer(bytearray().join(rows), dtype=dtype)
+    return stacked_result(joined.reshape((len(rows), *shape)), reduce_op)
+
+
+_np: Any = None
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use (a function-level import costs on every call)."""
+    global _np
+    if _np is None:
+        import numpy
+
+        _np = numpy
+    return _np
 
 
 def stacked_result(gathered: Any, reduce_op: str | None) -> Any:

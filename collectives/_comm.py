@@ -548,13 +548,14 @@ class CheckedComm:
                 finish = partial(_buffers.reduce, reduce_op=reduce_op)
             exchange = backend.post(entry.seq, NORMAL, fp, copy)
         else:
-            send = _buffers.small_numpy(buffer, backend.inline_buffer_bytes)
-            if send is not None:
+            assert extra is not None  # else _fail_locally raised
+            if _buffers.inline_numpy(buffer, extra, backend.inline_buffer_bytes):
                 # A small buffer rides with its fingerprint, in either buffer_check mode: one
                 # exchange, checked. The choice depends only on (dtype, shape), which the
                 # check compares, and the rows are used only once every fingerprint agrees.
-                finish = partial(_buffers.rows_to_result, like=send, reduce_op=reduce_op)
-                exchange = backend.post(entry.seq, NORMAL, fp, send.tobytes(), True)
+                finish = partial(_buffers.rows_to_result, dtype=buffer.dtype,
+                                 shape=extra[2], reduce_op=reduce_op)
+                exchange = backend.post(entry.seq, NORMAL, fp, buffer.tobytes(), True)
             else:
                 def post_buffer() -> Any:
                     if reduce_op is None:

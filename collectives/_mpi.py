@@ -99,35 +99,29 @@ class _Channel:
 
 
 class _MPIExchange:
+    # Phases: 1 slots in flight, 2 bodies in flight, 3 complete, 4 complete and every peer
+    # made exactly our call (agreed()). Attributes only the slow path reads (_prefixes,
+    # _bodies, _body_reqs, _body, _plens) are set where that path starts.
     __slots__ = (
-        "_agreed",
         "_backend",
         "_bodies",
         "_body",
         "_body_reqs",
         "_channel",
         "_header",
-        "_hlen",
         "_key",
-        "_key_at",
         "_phase",
         "_plen",
         "_plens",
         "_prefixes",
-        "_rank",
-        "_recvs",
         "_same_len",
-        "_seq",
         "_static",
         "waiting_since",
     )
 
     def __init__(self, backend: MPIBackend, seq: int, kind: int, header: Any, payload: Any,
                  receive: bool = True, same_len: bool = False) -> None:
-        rank = backend.rank
         self._backend = backend
-        self._rank = rank
-        self._seq = seq
         self._header = header
         self._same_len = same_len
         self.waiting_since = 0.0
@@ -147,48 +141,38 @@ class _MPIExchange:
             fmt = _FULL
             header_bytes = (pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
                             if header is not None else b"")
-        hlen, plen = len(header_bytes), len(payload)
-        self._hlen, self._plen = hlen, plen
+        hlen = len(header_bytes)
+        self._plen = plen = len(payload)
         free = backend._free
         channel = free.pop() if free and not backend._draining else backend._channel()
         self._channel: _Channel | None = channel
         slots = channel.slots
-        base = rank * SLOT_BYTES
+        base = backend.rank * SLOT_BYTES
         _PREFIX.pack_into(slots, base, plen, kind, fmt, seq, hlen)
         start = base + _PREFIX.size
-        inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
-        if inline:
+        if _PREFIX.size + hlen + plen <= SLOT_BYTES:
             slots[start:start + hlen] = header_bytes
             slots[start + hlen:start + hlen + plen] = payload
-            self._body: bytes = b""
             # The packed fingerprint: kind, format, seq, header length and the header bytes
-            # (plus the payload length when every rank's must be equal). A peer whose slot
-            # starts with the same bytes made the same call; one compare per peer.
-            self._key_at = 0 if same_len else _PLEN.size
-            self._key: bytes | None = (bytes(slots[base + self._key_at:start + hlen])
-                                       if static is not None else None)
+            # (from the payload length on when every rank's must be equal). A peer whose slot
+            # starts with the same bytes made exactly our call: one compare per peer.
+            self._key: bytearray | None = (
+                slots[base + (0 if same_len else _PLEN.size):start + hlen]
+                if static is not None else None)
+            body = None
         else:
-            self._body = header_bytes + bytes(payload)
+            self._body = body = header_bytes + bytes(payload)
             self._key = None
         # A rank that aborts or closes never waits for this call: it only sends.
         if receive:
-            recvs = channel.recvs
-            for request in recvs:
+            for request in channel.recvs:
                 request.Start()
-            self._recvs = recvs
-        else:
-            self._recvs = []
         for request in channel.sends:
             request.Start()
-        if not inline:
+        if body is not None:
             comm = backend._comm
-            backend._track([comm.Isend(self._body, r, _BODY_TAG)
-                            for r in range(backend.size) if r != rank])
-        self._agreed = False
-        self._plens: list[int] | None = None
-        self._body_reqs: list[Any] = []
-        self._bodies: dict[int, bytearray] = {}
-        self._prefixes: list[tuple[int, int, int, int, int]] = []
+            backend._track([comm.Isend(body, r, _BODY_TAG)
+                            for r in range(backend.size) if r != backend.rank])
         self._phase = 1
         if not receive:  # nothing to wait for: the channel only has sends in flight
             backend._release(channel)
@@ -196,34 +180,30 @@ class _MPIExchange:
             self._phase = 3
 
     def test(self) -> bool:
-        if self._phase == 3:
+        phase = self._phase
+        if phase >= 3:
             return True
-        if self._phase == 1:
+        if phase == 1:
+            channel = self._channel
+            assert channel is not None
             # Request.Test per request is several times cheaper than Request.Testall on a
             # list; a completed persistent request is inactive, and testing it again is a
             # cheap True.
-            for request in self._recvs:
+            for request in channel.recvs:
                 if not request.Test():
                     return False
-            slots = self._channel.slots  # type: ignore[union-attr]
+            slots = channel.slots
             key = self._key
             if key is not None:
-                at = self._key_at
+                at = 0 if self._same_len else _PLEN.size
                 for base in self._backend._peer_bases:
                     if not slots.startswith(key, base + at):
                         break
                 else:
                     if self._same_len or self._lengths_fit(slots):
-                        self._agreed = True
-                        self._phase = 3
+                        self._phase = 4
                         return True
-            self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
-                              for r in range(len(slots) // SLOT_BYTES)]
-            for r, (plen, _kind, _fmt, _seq, hlen) in enumerate(self._prefixes):
-                if r != self._rank and _PREFIX.size + hlen + plen > SLOT_BYTES:
-                    buf = self._bodies[r] = bytearray(hlen + plen)
-                    self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
-            self._phase = 2
+            self._slow_path(slots)
         body_reqs = self._body_reqs
         while body_reqs:
             if not body_reqs[-1].Test():
@@ -235,31 +215,43 @@ class _MPIExchange:
     def _lengths_fit(self, slots: bytearray) -> bool:
         """Every rank's fingerprint equals ours: do all payloads fit in their slots too?
         (A slot whose body did not fit holds stale bytes after its prefix.)"""
-        limit = SLOT_BYTES - _PREFIX.size - self._hlen
+        limit = SLOT_BYTES - _PREFIX.size - len(self._static)  # type: ignore[arg-type]
         plens = [_PLEN.unpack_from(slots, base)[0] for base in self._backend._bases]
-        for plen in plens:
-            if plen > limit:
-                return False
+        if max(plens) > limit:
+            return False
         self._plens = plens
         return True
+
+    def _slow_path(self, slots: bytearray) -> None:
+        """Decode every prefix and receive the bodies that did not fit (phase 2)."""
+        self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
+                          for r in range(len(slots) // SLOT_BYTES)]
+        self._bodies: dict[int, bytearray] = {}
+        self._body_reqs: list[Any] = []
+        own = self._backend.rank
+        for r, (plen, _kind, _fmt, _seq, hlen) in enumerate(self._prefixes):
+            if r != own and _PREFIX.size + hlen + plen > SLOT_BYTES:
+                buf = self._bodies[r] = bytearray(hlen + plen)
+                self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
+        self._phase = 2
 
     def agreed(self) -> list[Any] | None:
         """Every rank's payload when every peer's slot starts with our packed fingerprint, else
         None: then contributions() has every rank's header for the full check."""
-        if not self._agreed:
+        if self._phase != 4:
             return None
         channel = self._channel
-        assert channel is not None
+        assert channel is not None and self._static is not None
         slots = channel.slots
-        off = _PREFIX.size + self._hlen
-        if self._plens is None:
+        backend = self._backend
+        off = _PREFIX.size + len(self._static)
+        if self._same_len:
             end = off + self._plen
-            out = [slots[base + off:base + end] for base in self._backend._bases]
+            out = [slots[base + off:base + end] for base in backend._bases]
         else:
             out = [slots[base + off:base + off + plen]
-                   for base, plen in zip(self._backend._bases, self._plens, strict=True)]
+                   for base, plen in zip(backend._bases, self._plens, strict=True)]
         self._channel = None
-        backend = self._backend
         for request in channel.sends:  # inline of _release
             if not request.Test():
                 backend._draining.append(channel)
@@ -272,13 +264,14 @@ class _MPIExchange:
         which goes back to the pool."""
         out: list[Contribution] = []
         channel = self._channel
-        assert channel is not None and self._phase == 3
-        slots = channel.slots
-        if self._agreed:  # every header equals ours
+        assert channel is not None and self._phase >= 3
+        if self._phase == 4:  # every header equals ours
             payloads = self.agreed()
             assert payloads is not None
             return [(NORMAL, self._header, payload) for payload in payloads]
-        static, own, seq = self._static, self._rank, self._seq
+        slots = channel.slots
+        static, own = self._static, self._backend.rank
+        seq = self._header[0] if static is not None else None
         for rank, (plen, kind, fmt, peer_seq, hlen) in enumerate(self._prefixes):
             base = rank * SLOT_BYTES + _PREFIX.size
             inline = _PREFIX.size + hlen + plen <= SLOT_BYTES

@@ -120,6 +120,9 @@ def run_scenarios(make: Factory, rank: int, size: int) -> None:
     stacked = comm.allgather_buffer(np.arange(3) + rank)
     assert stacked.tolist() == [[r, r + 1, r + 2] for r in range(size)]
     assert comm.allreduce_buffer(np.full(2, rank), "max").tolist() == [size - 1] * 2
+    strided = (np.arange(6) + rank).reshape(2, 3).T  # not C-contiguous
+    assert comm.allgather_buffer(strided).tolist() == [
+        (np.arange(6) + r).reshape(2, 3).T.tolist() for r in range(size)]
     err = expect(CollectiveDesyncError, lambda: comm.allgather_buffer(np.zeros(2 + rank % 2)))
     unchecked = make("buffers-off", 10.0)
     unchecked.buffer_check = "off"  # no preflight exchange: recorded and bounded only

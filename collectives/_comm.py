@@ -21,10 +21,16 @@ the failed call and goes on gets CollectiveAbortedError naming this rank within 
 
 Buffer collectives on backends that move raw buffers (MPI, torch.distributed) cannot carry a
 fingerprint; there ``buffer_check="preflight"`` first exchanges the fingerprint (with dtype
-and shape) as a small object exchange (a small numpy buffer, up to the backend's
-``inline_buffer_bytes``, travels as that exchange's payload and needs no second one), and
-``"off"`` skips the check (the call is still recorded and bounded in time, but a mismatch is
-undefined behaviour of the backend).
+and shape) as a small object exchange, and ``"off"`` skips the check (the call is still
+recorded and bounded in time, but a mismatch is undefined behaviour of the backend). A small
+numpy buffer of plain numbers, up to the backend's ``inline_buffer_bytes``, needs neither: it
+travels as the payload of its own fingerprint's exchange, one exchange and checked, in both
+modes.
+
+The hot path: a blocking call with nothing else pending spins on its exchange and, when the
+backend reports that every rank contributed exactly our fingerprint (``agreed()``: on MPI one
+byte compare per peer), finishes without a handle; decoding and comparing fingerprints field
+by field happens only when they differ (a desync, or tagged calls from different lines).
 """
 
 from __future__ import annotations

@@ -4,11 +4,15 @@ Wire protocol of one checked call, on a private duplicate of the caller's commun
 point-to-point messages to every peer (MPI orders messages of one (source, tag, comm), so the
 k-th message of every peer is its k-th call, exactly as the k-th collectives would match):
 
-1. a fixed-size *slot* (tag 1): an 18-byte prefix (kind, header format, seq, header length,
-   payload length), the pickled fingerprint less its seq (pickled once per distinct
-   fingerprint; a peer whose bytes equal ours agrees without unpickling) and, when it fits,
-   the pickled payload. Slots live in pooled *channels* with persistent requests, so a call
-   costs two ``Start``s per peer instead of building fresh requests;
+1. a fixed-size *slot* (tag 1): an 18-byte prefix (payload length, kind, header format, seq,
+   header length), the pickled fingerprint less its seq (pickled once per distinct
+   fingerprint) and, when it fits, the pickled payload. Everything from the kind to the end
+   of the fingerprint is one *packed fingerprint*: a peer whose slot starts with our bytes
+   (one ``startswith`` per peer; from the payload length on for a checked inline buffer,
+   whose length must agree too) made exactly our call, and its payload is handed out
+   without decoding any header; anything else is decoded and checked field by field.
+   Slots live in pooled *channels* with persistent requests, so a call costs two
+   ``Start``s per peer instead of building fresh requests;
 2. when the body does not fit, the body itself (tag 2), sent right after the slot; a receiver
    that sees an oversized slot always receives the body, whatever it thinks of the
    fingerprint, so the streams never drift.
@@ -19,8 +23,10 @@ instead of ``Iallgather`` because MPICH's non-blocking collectives cost several 
 blocking ones, while ``Isend``/``Irecv`` over shared memory cost about what mpi4py's own
 ``allgather`` does; the price is size - 1 messages per rank per call, fine for the small TP
 groups this is for. Buffer collectives move raw buffers the same way (tag 3; allreduce is a
-gather plus a reduction in rank order, identical on every rank); a checked numpy buffer of at
-most ``_INLINE_BUFFER_BYTES`` skips that and rides as the payload of its fingerprint's slot.
+gather plus a reduction in rank order, identical on every rank); a numpy buffer of plain
+numbers of at most ``_INLINE_BUFFER_BYTES`` skips that and rides as the payload of its
+fingerprint's slot, in either ``buffer_check`` mode (so it is checked even with the preflight
+off).
 Positions travel on a second duplicate (tag 7), only after half of a deadline has passed.
 """
 
@@ -50,7 +56,9 @@ SLOT_BYTES = 512
 _PREFIX = struct.Struct("<IBBqI")
 _PLEN = struct.Struct("<I")
 _FULL = 0  # the header is the pickled header tuple
-_STATIC = 1  # the header is (seq,) + the pickled rest: seq travels in the prefix
+_STATIC = 1  # flag: the header is (seq,) + the pickled rest: seq travels in the prefix
+_INLINE = 2  # flag: header and payload are in the slot (so a peer whose packed fingerprint
+#              equals ours has its payload in its slot too)
 _SLOT_TAG = 1
 _BODY_TAG = 2
 _BUFFER_TAG = 3
@@ -62,8 +70,8 @@ _SPIN_S = 0.0002
 _YIELD_S = 0.002
 _HEADER_CACHE_MAX = 4096
 _FREE_CHANNELS = 8
-# Checked numpy buffers up to this size travel inside the fingerprint's exchange (usually
-# inline in the slot) instead of in a second, raw-buffer exchange after the check.
+# Numpy buffers of plain numbers up to this size travel inline in the fingerprint's slot
+# instead of in a raw-buffer exchange (after a preflight, or unchecked).
 _INLINE_BUFFER_BYTES = 256
 
 
@@ -101,7 +109,7 @@ class _Channel:
 class _MPIExchange:
     # Phases: 1 slots in flight, 2 bodies in flight, 3 complete, 4 complete and every peer
     # made exactly our call (agreed()). Attributes only the slow path reads (_prefixes,
-    # _bodies, _body_reqs, _body, _plens) are set where that path starts.
+    # _bodies, _body_reqs, _body) are set where that path starts.
     __slots__ = (
         "_backend",
         "_bodies",
@@ -112,7 +120,6 @@ class _MPIExchange:
         "_key",
         "_phase",
         "_plen",
-        "_plens",
         "_prefixes",
         "_same_len",
         "_static",
@@ -148,9 +155,10 @@ class _MPIExchange:
         self._channel: _Channel | None = channel
         slots = channel.slots
         base = backend.rank * SLOT_BYTES
-        _PREFIX.pack_into(slots, base, plen, kind, fmt, seq, hlen)
         start = base + _PREFIX.size
-        if _PREFIX.size + hlen + plen <= SLOT_BYTES:
+        inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
+        _PREFIX.pack_into(slots, base, plen, kind, (fmt | _INLINE) if inline else fmt, seq, hlen)
+        if inline:
             slots[start:start + hlen] = header_bytes
             slots[start + hlen:start + hlen + plen] = payload
             # The packed fingerprint: kind, format, seq, header length and the header bytes
@@ -200,9 +208,8 @@ class _MPIExchange:
                     if not slots.startswith(key, base + at):
                         break
                 else:
-                    if self._same_len or self._lengths_fit(slots):
-                        self._phase = 4
-                        return True
+                    self._phase = 4
+                    return True
             self._slow_path(slots)
         body_reqs = self._body_reqs
         while body_reqs:
@@ -210,16 +217,6 @@ class _MPIExchange:
                 return False
             body_reqs.pop()
         self._phase = 3
-        return True
-
-    def _lengths_fit(self, slots: bytearray) -> bool:
-        """Every rank's fingerprint equals ours: do all payloads fit in their slots too?
-        (A slot whose body did not fit holds stale bytes after its prefix.)"""
-        limit = SLOT_BYTES - _PREFIX.size - len(self._static)  # type: ignore[arg-type]
-        plens = [_PLEN.unpack_from(slots, base)[0] for base in self._backend._bases]
-        if max(plens) > limit:
-            return False
-        self._plens = plens
         return True
 
     def _slow_path(self, slots: bytearray) -> None:
@@ -249,8 +246,10 @@ class _MPIExchange:
             end = off + self._plen
             out = [slots[base + off:base + end] for base in backend._bases]
         else:
-            out = [slots[base + off:base + off + plen]
-                   for base, plen in zip(backend._bases, self._plens, strict=True)]
+            # Equal packed fingerprints include the inline flag: every payload is in its slot.
+            unpack = _PLEN.unpack_from
+            out = [slots[base + off:base + off + unpack(slots, base)[0]]
+                   for base in backend._bases]
         self._channel = None
         for request in channel.sends:  # inline of _release
             if not request.Test():
@@ -286,7 +285,7 @@ class _MPIExchange:
                 header: Any = self._header
             elif kind == CLOSED:
                 header = None
-            elif fmt == _STATIC:
+            elif fmt & _STATIC:
                 # Same bytes as ours means an equal fingerprint: hand back our own tuple and
                 # skip unpickling; anything else is decoded and compared as a tuple.
                 if (static is not None and peer_seq == seq and hlen == len(static)

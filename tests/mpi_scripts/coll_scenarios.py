@@ -114,6 +114,12 @@ def run_scenarios(make: Factory, rank: int, size: int) -> None:
     else:
         got = comm.bcast(None, root=0, tag="cfg")
     assert got == payload
+    # One call, payloads in and out of the slot: the fast agreement must not take a stale
+    # slot for a payload, and every rank gets every payload.
+    for big in (0, 1, size):  # rank 0 oversized, rank 1 oversized, every rank oversized
+        mine = "y" * 1000 if rank == big or big == size else rank
+        assert comm.allgather(mine, tag="mixed") == [
+            "y" * 1000 if r == big or big == size else r for r in range(size)]
     ok("bcast-idiom")
 
     comm = make("buffers", 10.0)

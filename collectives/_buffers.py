@@ -106,8 +106,8 @@ def inline_numpy(buffer: Any, described: tuple[str, str, tuple[int, ...]], limit
             and buffer.nbytes <= limit)
 
 
-def rows_to_result(rows: list[Any], dtype: Any, shape: tuple[int, ...],
-                   reduce_op: str | None) -> Any:
+def rows_to_result(dtype: Any, shape: tuple[int, ...], reduce_op: str | None,
+                   rows: list[Any]) -> Any:
     """Per-rank raw bytes of numpy arrays of ``dtype`` and ``shape`` as the result of a buffer
     collective: stacked along a new leading axis of length ``len(rows)``, or reduced."""
     np = _numpy()

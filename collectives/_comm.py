@@ -559,8 +559,7 @@ class CheckedComm:
                 # A small buffer rides with its fingerprint, in either buffer_check mode: one
                 # exchange, checked. The choice depends only on (dtype, shape), which the
                 # check compares, and the rows are used only once every fingerprint agrees.
-                finish = partial(_buffers.rows_to_result, dtype=buffer.dtype,
-                                 shape=extra[2], reduce_op=reduce_op)
+                finish = partial(_buffers.rows_to_result, buffer.dtype, extra[2], reduce_op)
                 exchange = backend.post(entry.seq, NORMAL, fp, buffer.tobytes(), True)
             else:
                 def post_buffer() -> Any:

@@ -251,11 +251,15 @@ class _MPIExchange:
             out = [slots[base + off:base + off + unpack(slots, base)[0]]
                    for base in backend._bases]
         self._channel = None
-        for request in channel.sends:  # inline of _release
+        for request in channel.sends:  # inline of _release and _keep
             if not request.Test():
                 backend._draining.append(channel)
                 return out
-        backend._keep(channel)
+        free = backend._free
+        if len(free) < _FREE_CHANNELS:
+            free.append(channel)
+        else:
+            channel.free()
         return out
 
     def contributions(self) -> list[Contribution]:

@@ -635,14 +635,19 @@ def test_sigusr1_dumps_every_live_communicator(log_dir: Path) -> None:
     comms = local_group(2, "sig", timeout=10)
     assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
     os.kill(os.getpid(), signal.SIGUSR1)
+    path = log_dir / "rank-1.jsonl"
+
+    def signal_dumps() -> list[dict[str, Any]]:
+        # Complete lines only: the watchdog thread may be writing the dump of another live
+        # communicator (an earlier test's) while this one reads; wait for this comm's own.
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
+        return [x for x in map(json.loads, lines) if x["event"] == "flight_recorder.dump"
+                and x["reason"] == "signal" and x["comm"] == "sig"]
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        path = log_dir / "rank-1.jsonl"
-        if path.exists() and '"signal"' in path.read_text():
-            break
+    while time.monotonic() < deadline and not signal_dumps():
         time.sleep(0.02)
-    dumps = [x for x in read_log(log_dir, 1) if x["event"] == "flight_recorder.dump"]
-    assert any(d["reason"] == "signal" and d["comm"] == "sig" for d in dumps)
+    assert signal_dumps()
     assert comms[1].dump() == []
 
 

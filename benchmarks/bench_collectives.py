@@ -29,7 +29,7 @@ from typing import Any
 
 CALLS = 200
 SMALL = {"request_id": "req-17", "state": 3, "ok": True}
-# (case, goal as a max ratio checked / raw or None, what the goal is about)
+# Goals: the largest ratio checked / raw the case may have.
 GOALS = {
     "allgather small object": 1.2,
     "allgather 16 x int64 buffer, preflight": 1.5,
@@ -69,7 +69,10 @@ def row(case: str, figures: tuple[float, float, float, float], goal: float | Non
     ratio_med, ratio_min = chk_med / raw_med, chk_min / raw_min
     verdict = ""
     if goal is not None:
-        verdict = f"<= {goal:g}x: " + ("met" if ratio_med <= goal else "not met")
+        # Met only if both ratios are: on a busy machine the raw median suffers most (MPICH's
+        # blocking collectives lose their core), which would flatter the checked side.
+        verdict = f"<= {goal:g}x: " + ("met" if max(ratio_med, ratio_min) <= goal
+                                       else "not met")
     return (f"| {case} | {us(raw_med)} | {us(chk_med)} | {ratio_med:.2f}x | {us(raw_min)} | "
             f"{us(chk_min)} | {ratio_min:.2f}x | {verdict} |")
 
@@ -129,7 +132,7 @@ def worker(rounds: int) -> None:
         print(f"mpi4py {mpi4py.__version__}, {world.Get_size()} ranks, {rounds} alternating "
               f"rounds of {CALLS} calls; per call, rank 0's clock. Ratios: checked / raw.\n")
         print("| case | raw median | checked median | ratio | raw min | checked min | ratio "
-              "| goal (median ratio) |")
+              "| goal (both ratios) |")
         print("|---|---|---|---|---|---|---|---|")
         for line in rows:
             print(line)

@@ -31,7 +31,8 @@ class Exchange(Protocol):
     def agreed(self) -> list[Any] | None:
         """Once test() is True: every rank's payload (rank order) if every rank contributed
         NORMAL with exactly our header (a backend may compare packed bytes), else None, and
-        contributions() is then what CheckedComm checks. Call at most once."""
+        contributions() is then what CheckedComm checks (asking again gives None again).
+        Once it has returned the payloads, the exchange is spent."""
 
     def contributions(self) -> list[Contribution]: ...
 

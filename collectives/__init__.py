@@ -15,16 +15,18 @@ Costs (what checking adds, per call):
   contribution to every rank (bcast's non-roots send only the fingerprint). Keep gathered
   objects small; use buffer collectives for bulk data. Python bookkeeping (call site, flight
   recorder entry, fingerprint; on MPI the fingerprint is pickled once per distinct call and
-  compared as bytes) is some tens of microseconds on a loaded 2-core machine
+  compared as one packed byte run per peer) is a few microseconds per call
   (benchmarks/bench_collectives.py measures it against raw mpi4py).
 - MPI moves each call point-to-point (size - 1 messages per rank; fine for TP groups).
 - Buffer collectives cannot carry a fingerprint on MPI and torch.distributed:
   ``buffer_check="preflight"`` (default) first exchanges the fingerprint with dtype and shape
   as one small object exchange (about doubling the latency of a small buffer call; nothing
-  for large ones; on MPI, numpy buffers of plain numbers up to 256 bytes ride inside that
-  exchange instead, so they cost one exchange); ``"off"`` skips it (the call is still
-  recorded and bounded by its deadline, but ranks that disagree are the backend's undefined
-  behaviour). The in-process backend always piggybacks buffers.
+  for large ones); ``"off"`` skips it (the call is still recorded and bounded by its
+  deadline, but ranks that disagree are the backend's undefined behaviour). On MPI, numpy
+  buffers of plain numbers up to 256 bytes ride inside their fingerprint's exchange in both
+  modes: one exchange, checked. The in-process backend always piggybacks buffers.
+- A wait reports the earliest failure on the communicator: polling any handle progresses
+  the earlier pending ones first (a few attribute reads when there are none).
 - Positions for a timeout report travel on a side channel only once half a deadline has
   passed; per-call logging (``configure_logging(..., per_call=True)``) is off by default.
 """

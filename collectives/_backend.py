@@ -28,6 +28,12 @@ class Exchange(Protocol):
 
     def test(self) -> bool: ...
 
+    def agreed(self) -> list[Any] | None:
+        """Once test() is True: every rank's payload (rank order) if every rank contributed
+        NORMAL with exactly our header (a backend may compare packed bytes), else None, and
+        contributions() is then what CheckedComm checks (asking again gives None again).
+        Once it has returned the payloads, the exchange is spent."""
+
     def contributions(self) -> list[Contribution]: ...
 
 
@@ -50,7 +56,11 @@ class Backend(Protocol):
     # payload of post() (one exchange) instead of a preflight plus a buffer exchange.
     inline_buffer_bytes: int
 
-    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> Exchange: ...
+    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any,
+             same_len: bool = False) -> Exchange:
+        """Post this rank's contribution. ``same_len``: every rank whose fingerprint agrees
+        sends a payload of the same length (a checked inline buffer); a backend may then
+        compare the length as part of the fingerprint."""
 
     def post_buffer_allgather(self, buffer: Any) -> BufferExchange: ...
 

@@ -13,6 +13,8 @@ BUFFER_REDUCE_OPS = ("sum", "min", "max")
 
 # numpy.ndarray and torch.Tensor always have a dtype: their kind is cached per type.
 _KIND_OF_TYPE: dict[type, str] = {}
+# numpy dtype -> its name in the fingerprint (``dtype.str`` is slower than a dict hit).
+_NUMPY_DTYPE_NAMES: dict[Any, str] = {}
 
 
 def buffer_kind(buffer: object) -> str:
@@ -40,9 +42,18 @@ def describe(buffer: Any) -> tuple[str, str, tuple[int, ...]]:
     """(kind, dtype, shape): the part of a buffer call that must agree across ranks.
 
     numpy's ``str(dtype)`` runs Python code; ``dtype.str`` (e.g. ``<i8``) is a C attribute."""
-    kind = buffer_kind(buffer)
-    dtype = buffer.dtype.str if kind == "numpy" else str(buffer.dtype)
-    return (kind, dtype, tuple(buffer.shape))
+    kind = _KIND_OF_TYPE.get(type(buffer)) or buffer_kind(buffer)
+    dtype = buffer.dtype
+    if kind == "numpy":
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = dtype.str
+            if len(_NUMPY_DTYPE_NAMES) < 256:
+                _NUMPY_DTYPE_NAMES[dtype] = name
+    else:
+        name = str(dtype)
+    shape = buffer.shape
+    return (kind, name, shape if type(shape) is tuple else tuple(shape))
 
 
 def copy(buffer: Any) -> Any:
@@ -84,29 +95,38 @@ def check_reduce_op(reduce_op: str) -> None:
         )
 
 
-def small_numpy(buffer: Any, limit: int) -> Any:
-    """``buffer`` as a C-contiguous numpy array when it is a numpy array of plain data of
-    at most ``limit`` bytes (small enough to travel inline with its fingerprint), else None."""
-    if limit <= 0 or type(buffer).__module__ != "numpy":
-        return None
-    import numpy as np
-
-    send = np.ascontiguousarray(buffer)
-    # Plain numbers only: for them ``dtype.str`` (in the fingerprint) fixes the dtype, so
-    # every rank whose fingerprint agrees makes the same choice.
-    if send.dtype.kind not in "biufc" or send.nbytes > limit:
-        return None
-    return send
+def inline_numpy(buffer: Any, described: tuple[str, str, tuple[int, ...]], limit: int) -> bool:
+    """True when ``buffer`` (``describe``'d) is a numpy array of plain numbers of at most
+    ``limit`` bytes: small enough to travel inline with its fingerprint (as ``tobytes()``,
+    C order whatever its strides)."""
+    # Plain numbers only (dtype.str's second character is the kind): for them ``dtype.str``
+    # and the shape, both in the fingerprint, fix the choice, so every rank whose
+    # fingerprint agrees makes the same one.
+    return (limit > 0 and described[0] == "numpy" and described[1][1] in "biufc"
+            and buffer.nbytes <= limit)
 
 
-def rows_to_array(rows: list[Any], like: Any) -> Any:
-    """Per-rank raw bytes of arrays shaped like ``like`` (a numpy array) stacked into one new
-    array with a leading axis of length ``len(rows)``."""
-    import numpy as np
+def rows_to_result(dtype: Any, shape: tuple[int, ...], reduce_op: str | None,
+                   rows: list[Any]) -> Any:
+    """Per-rank raw bytes of numpy arrays of ``dtype`` and ``shape`` as the result of a buffer
+    collective: stacked along a new leading axis of length ``len(rows)``, or reduced."""
+    np = _numpy()
+    # A fresh writable bytearray under the array: nothing aliases a channel or a peer.
+    joined = np.frombuffer(bytearray().join(rows), dtype=dtype)
+    return stacked_result(joined.reshape((len(rows), *shape)), reduce_op)
 
-    # copy(): a fresh array that owns its memory, as a raw-buffer exchange returns.
-    joined = np.frombuffer(b"".join(rows), dtype=like.dtype)
-    return joined.reshape((len(rows), *like.shape)).copy()
+
+_np: Any = None
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use (a function-level import costs on every call)."""
+    global _np
+    if _np is None:
+        import numpy
+
+        _np = numpy
+    return _np
 
 
 def stacked_result(gathered: Any, reduce_op: str | None) -> Any:

@@ -10,12 +10,27 @@ CollectiveTimeoutError with the arrived / missing ranks and their last known pos
 the flight recorder is dumped to the log. After any failed call the communicator is unusable
 (CommClosedError): its peers are out of step, and continuing would only cascade.
 
+A wait reports the earliest failure on the communicator. Non-blocking calls may be posted and
+left unwaited; every poll of a handle first progresses the earlier handles still pending on
+the same communicator, so a desync of an earlier call (which every rank of that call sees,
+since every rank gets every fingerprint) surfaces at once from whichever handle this rank
+waits on, and the failed handle's error becomes every later pending handle's error. A
+failure only this rank sees (its deadline passed while a peer was merely late; the backend
+broke) is told to the peers as an ABORT at this rank's next position: a peer that completes
+the failed call and goes on gets CollectiveAbortedError naming this rank within one poll.
+
 Buffer collectives on backends that move raw buffers (MPI, torch.distributed) cannot carry a
 fingerprint; there ``buffer_check="preflight"`` first exchanges the fingerprint (with dtype
-and shape) as a small object exchange (a small numpy buffer, up to the backend's
-``inline_buffer_bytes``, travels as that exchange's payload and needs no second one), and
-``"off"`` skips the check (the call is still recorded and bounded in time, but a mismatch is
-undefined behaviour of the backend).
+and shape) as a small object exchange, and ``"off"`` skips the check (the call is still
+recorded and bounded in time, but a mismatch is undefined behaviour of the backend). A small
+numpy buffer of plain numbers, up to the backend's ``inline_buffer_bytes``, needs neither: it
+travels as the payload of its own fingerprint's exchange, one exchange and checked, in both
+modes.
+
+The hot path: a blocking call with nothing else pending spins on its exchange and, when the
+backend reports that every rank contributed exactly our fingerprint (``agreed()``: on MPI one
+byte compare per peer), finishes without a handle; decoding and comparing fingerprints field
+by field happens only when they differ (a desync, or tagged calls from different lines).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import pickle
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import _buffers, _logging, _watchdog
@@ -66,12 +82,45 @@ def _loads_all(payloads: list[Any]) -> list[Any]:
     return list(map(pickle.loads, payloads))
 
 
+def _nothing(_payloads: list[Any]) -> None:
+    return None
+
+
+def _load_root(root: int, payloads: list[Any]) -> Any:
+    return pickle.loads(payloads[root])
+
+
+def _reduce_all(fn: Callable[[Any, Any], Any] | None, payloads: list[Any]) -> Any:
+    # fn is None only for an unknown op, which fails locally before anything is exchanged.
+    values = _loads_all(payloads)
+    acc = values[0]
+    for v in values[1:]:
+        acc = fn(acc, v)  # type: ignore[misc]
+    return acc
+
+
+def _any_of(payloads: list[Any]) -> bool:
+    return any(_loads_all(payloads))
+
+
+def _all_of(payloads: list[Any]) -> bool:
+    return all(_loads_all(payloads))
+
+
+def _log_exit(comm: CheckedComm, entry: RecordEntry) -> None:
+    comm._log.debug(
+        "collective.exit", comm=comm.name, seq=entry.seq, op=entry.op, site=entry.site,
+        tag=entry.tag, duration_s=entry.end - entry.start,  # type: ignore[operator]
+        state=entry.state)
+
+
 class CollectiveHandle:
     """A posted collective. ``test()`` never blocks: it returns True once the checked result
     is ready and raises CollectiveDesyncError / CollectiveAbortedError on a mismatch and
     CollectiveTimeoutError once the deadline has passed. ``result()`` returns the value,
-    polling until then if needed (bounded by the same deadline). Errors are sticky: every
-    later test()/result() raises the same error."""
+    polling until then if needed (bounded by the same deadline). Both also progress the
+    earlier calls still pending on the communicator and raise the earliest failure among
+    them. Errors are sticky: every later test()/result() raises the same error."""
 
     __slots__ = ("_announced", "_buffer_stage", "_comm", "_deadline", "_done", "_error",
                  "_exchange", "_finish", "_fp", "_half", "_value", "entry")
@@ -92,6 +141,7 @@ class CollectiveHandle:
         self._done = False
         self._error: BaseException | None = None
         self._value: Any = None
+        comm._inflight.append(self)
 
     @property
     def done(self) -> bool:
@@ -120,6 +170,19 @@ class CollectiveHandle:
             return True
         if self._error is not None:
             raise self._error
+        inflight = self._comm._inflight
+        if inflight[0] is not self:
+            # Earlier calls of this communicator are still pending: progress them first, so
+            # that the earliest failure (a desync a peer has already seen) surfaces here now,
+            # not at this call's deadline. A failure of one fails every later handle.
+            for earlier in tuple(inflight):
+                if earlier is self:
+                    break
+                earlier._step(1)
+        return self._step(spins)
+
+    def _step(self, spins: int) -> bool:
+        """Progress this call's own exchange (see _poll, which also progresses earlier ones)."""
         try:
             exchange = self._exchange
             # Small collectives complete within microseconds: spin on the exchange alone
@@ -137,11 +200,12 @@ class CollectiveHandle:
                 self._announced = True
                 self._comm._backend.announce(self.entry.position())
         except CollectiveError as exc:
-            self._error = exc
+            self._comm._fail(self, exc)
             raise
         except (RuntimeError, OSError) as exc:  # what MPI / gloo raise when a peer is gone
-            self._error = self._comm._backend_failed(self.entry, exc)
-            raise self._error from exc
+            error = self._comm._backend_failed(self.entry, exc)
+            self._comm._fail(self, error)
+            raise error from exc
         return False
 
     wait = result
@@ -156,7 +220,10 @@ class CollectiveHandle:
             self._value = self._exchange.result()
             self._complete()
             return
-        payloads = comm._check(self._exchange.contributions(), self._fp, self.entry)
+        exchange = self._exchange
+        payloads = exchange.agreed()
+        if payloads is None:
+            payloads = comm._check(exchange.contributions(), self._fp, self.entry)
         if self._buffer_stage is not None:
             # Preflight passed: now move the buffers themselves.
             self._exchange = self._buffer_stage()
@@ -173,11 +240,13 @@ class CollectiveHandle:
         entry.end = time.time()
         entry.state = "completed"
         self._done = True
+        inflight = self._comm._inflight
+        if inflight[0] is self:
+            del inflight[0]
+        else:
+            inflight.remove(self)
         if _logging._per_call and _logging._log_dir is not None:
-            self._comm._log.debug(
-                "collective.exit", comm=self._comm.name, seq=entry.seq, op=entry.op,
-                site=entry.site, tag=entry.tag, duration_s=entry.end - entry.start,
-                state=entry.state)
+            _log_exit(self._comm, entry)
 
 
 class CheckedComm:
@@ -209,6 +278,11 @@ class CheckedComm:
         self._record = self.recorder._ring.append  # the hot path's FlightRecorder.start
         self._seq = 0
         self._unusable: str | None = None
+        # Posted handles not yet completed or failed, in seq order (see CollectiveHandle._poll).
+        self._inflight: list[CollectiveHandle] = []
+        # Set once this rank has sent its peers its last word on the wire (an ABORT after a
+        # local failure or timeout): close() then sends nothing more.
+        self._peers_told = False
         self._log = _logging.rank_logger(backend.log_rank)
         if watchdog:
             _watchdog.register(self)
@@ -255,7 +329,9 @@ class CheckedComm:
             return
         self._unusable = "closed"
         _watchdog.unregister(self)
-        self._backend.close(self._seq)
+        if not self._peers_told:
+            self._peers_told = True
+            self._backend.close(self._seq)
 
     def dump(self, reason: str = "request") -> list[dict[str, Any]]:
         """Write the flight recorder to the log (``flight_recorder.dump``) and return it."""
@@ -269,7 +345,8 @@ class CheckedComm:
     def allgather(self, obj: Any, *, tag: str | None = None,
                   timeout: float | None = None) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
-        return self._post("allgather", obj, tag, timeout, None, None, _loads_all).result()
+        return self._post("allgather", obj, tag, timeout, None, None,  # type: ignore[no-any-return]
+                          _loads_all, wait=True)
 
     def iallgather(self, obj: Any, *, tag: str | None = None,
                    timeout: float | None = None) -> CollectiveHandle:
@@ -280,83 +357,69 @@ class CheckedComm:
                timeout: float | None = None) -> list[Any] | None:
         """Every rank's ``obj`` on ``root`` (None elsewhere). Every rank still checks every
         fingerprint: on the wire this is an allgather, so keep gathered objects small."""
-        return self.igather(obj, root, tag=tag, timeout=timeout).result()
+        return self._post("gather", obj, tag, timeout, root, None,  # type: ignore[no-any-return]
+                          _loads_all if self.rank == root else _nothing, wait=True)
 
     def igather(self, obj: Any, root: int = 0, *, tag: str | None = None,
                 timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking gather."""
-        mine = self.rank == root
-
-        def finish(payloads: list[Any]) -> list[Any] | None:
-            return _loads_all(payloads) if mine else None
-
-        return self._post("gather", obj, tag, timeout, root, None, finish)
+        return self._post("gather", obj, tag, timeout, root, None,
+                          _loads_all if self.rank == root else _nothing)
 
     def bcast(self, obj: Any = None, root: int = 0, *, tag: str | None = None,
               timeout: float | None = None) -> Any:
         """``root``'s ``obj`` on every rank (others' ``obj`` is ignored and not sent)."""
-        return self.ibcast(obj, root, tag=tag, timeout=timeout).result()
+        return self._post("bcast", obj, tag, timeout, root, None, partial(_load_root, root),
+                          send=self.rank == root, wait=True)
 
     def ibcast(self, obj: Any = None, root: int = 0, *, tag: str | None = None,
                timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking bcast."""
-
-        def finish(payloads: list[Any]) -> Any:
-            return pickle.loads(payloads[root])
-
-        return self._post("bcast", obj, tag, timeout, root, None, finish,
+        return self._post("bcast", obj, tag, timeout, root, None, partial(_load_root, root),
                           send=self.rank == root)
 
     def allreduce(self, value: Any, op: str = "sum", *, tag: str | None = None,
                   timeout: float | None = None) -> Any:
         """Reduce every rank's ``value`` with ``op`` (sum, min, max, or, and) in rank order;
         every rank gets the same result."""
-        return self.iallreduce(value, op, tag=tag, timeout=timeout).result()
+        return self._post("allreduce", value, tag, timeout, None, op,
+                          partial(_reduce_all, REDUCE_OPS.get(op)), wait=True)
 
     def iallreduce(self, value: Any, op: str = "sum", *, tag: str | None = None,
                    timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking allreduce."""
-        fn = REDUCE_OPS.get(op)
-
-        def finish(payloads: list[Any]) -> Any:
-            values = _loads_all(payloads)
-            acc = values[0]
-            for v in values[1:]:
-                acc = fn(acc, v)  # type: ignore[misc]
-            return acc
-
-        return self._post("allreduce", value, tag, timeout, None, op, finish)
+        return self._post("allreduce", value, tag, timeout, None, op,
+                          partial(_reduce_all, REDUCE_OPS.get(op)))
 
     def barrier(self, *, tag: str | None = None, timeout: float | None = None) -> None:
         """Return once every rank reached the same barrier."""
-        self.ibarrier(tag=tag, timeout=timeout).result()
+        self._post("barrier", None, tag, timeout, None, None, _nothing, send=False, wait=True)
 
     def ibarrier(self, *, tag: str | None = None,
                  timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking barrier."""
-        return self._post("barrier", None, tag, timeout, None, None, lambda _p: None,
-                          send=False)
+        return self._post("barrier", None, tag, timeout, None, None, _nothing, send=False)
 
     def any(self, flag: bool, *, tag: str | None = None, timeout: float | None = None) -> bool:
         """True on every rank if ``flag`` is true on any rank: the gate to put in front of a
         collective that only some ranks locally want (seed 001)."""
-        return bool(self.iany(flag, tag=tag, timeout=timeout).result())
+        return bool(self._post("any", bool(flag), tag, timeout, None, "or", _any_of,
+                               wait=True))
 
     def iany(self, flag: bool, *, tag: str | None = None,
              timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking any."""
-        return self._post("any", bool(flag), tag, timeout, None, "or",
-                          lambda p: any(_loads_all(p)))
+        return self._post("any", bool(flag), tag, timeout, None, "or", _any_of)
 
     def all(self, flag: bool, *, tag: str | None = None, timeout: float | None = None) -> bool:
         """True on every rank if ``flag`` is true on every rank."""
-        return bool(self.iall(flag, tag=tag, timeout=timeout).result())
+        return bool(self._post("all", bool(flag), tag, timeout, None, "and", _all_of,
+                               wait=True))
 
     def iall(self, flag: bool, *, tag: str | None = None,
              timeout: float | None = None) -> CollectiveHandle:
         """Non-blocking all."""
-        return self._post("all", bool(flag), tag, timeout, None, "and",
-                          lambda p: all(_loads_all(p)))
+        return self._post("all", bool(flag), tag, timeout, None, "and", _all_of)
 
     # -- buffer collectives -------------------------------------------------------------
 
@@ -364,7 +427,7 @@ class CheckedComm:
                          timeout: float | None = None) -> Any:
         """Stack every rank's buffer (numpy array or torch tensor, same dtype and shape on
         every rank) into a new leading axis of length ``size``."""
-        return self.iallgather_buffer(buffer, tag=tag, timeout=timeout).result()
+        return self._post_buffer("allgather_buffer", buffer, None, tag, timeout, wait=True)
 
     def iallgather_buffer(self, buffer: Any, *, tag: str | None = None,
                           timeout: float | None = None) -> CollectiveHandle:
@@ -374,7 +437,7 @@ class CheckedComm:
     def allreduce_buffer(self, buffer: Any, op: str = "sum", *, tag: str | None = None,
                          timeout: float | None = None) -> Any:
         """Elementwise reduction (sum, min, max) of every rank's buffer; returns a new buffer."""
-        return self.iallreduce_buffer(buffer, op, tag=tag, timeout=timeout).result()
+        return self._post_buffer("allreduce_buffer", buffer, op, tag, timeout, wait=True)
 
     def iallreduce_buffer(self, buffer: Any, op: str = "sum", *, tag: str | None = None,
                           timeout: float | None = None) -> CollectiveHandle:
@@ -417,7 +480,8 @@ class CheckedComm:
 
     def _post(self, op: str, obj: Any, tag: str | None, timeout: float | None,
               root: int | None, reduce_op: str | None, finish: Callable[[list[Any]], Any],
-              send: bool = True) -> CollectiveHandle:
+              send: bool = True, wait: bool = False) -> Any:
+        """Post one object collective: its handle, or with ``wait`` its checked value."""
         if root is None and reduce_op is None and timeout is None and (
                 tag is None or type(tag) is str):
             problem = None  # the common calls: nothing to validate
@@ -434,11 +498,38 @@ class CheckedComm:
                 f"{op} payload {entry.summary} at {entry.site} cannot be pickled ({exc}); "
                 "send plain data (numbers, strings, lists, dicts, dataclasses)", exc))
         exchange = self._backend.post(entry.seq, NORMAL, fp, payload)
+        if wait:
+            return self._wait(entry, fp, exchange, finish, deadline_s)
         return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
 
+    def _wait(self, entry: RecordEntry, fp: tuple[Any, ...], exchange: Any,
+              finish: Callable[[list[Any]], Any], deadline_s: float) -> Any:
+        """A blocking call's wait. With nothing else pending on this communicator, spin on the
+        exchange and finish here when every rank made exactly this call (the common case:
+        no handle, no clock read); anything else (a longer wait, a mismatch to report,
+        earlier calls to progress) is a handle's result()."""
+        if not self._inflight:
+            try:
+                for _ in range(_SPINS_PER_POLL):
+                    if exchange.test():
+                        payloads = exchange.agreed()
+                        if payloads is None:
+                            break
+                        value = finish(payloads)
+                        entry.end = time.time()
+                        entry.state = "completed"
+                        if _logging._per_call and _logging._log_dir is not None:
+                            _log_exit(self, entry)
+                        return value
+            except (RuntimeError, OSError) as exc:  # what MPI / gloo raise when a peer is gone
+                raise self._backend_failed(entry, exc) from exc
+        return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s).result()
+
     def _post_buffer(self, op: str, buffer: Any, reduce_op: str | None, tag: str | None,
-                     timeout: float | None) -> CollectiveHandle:
-        problem = self._validate(None, None, tag, timeout)
+                     timeout: float | None, wait: bool = False) -> Any:
+        """Post one buffer collective: its handle, or with ``wait`` its result."""
+        problem = (None if tag is None and timeout is None
+                   else self._validate(None, None, tag, timeout))
         extra: tuple[Any, ...] | None = None
         if problem is None:
             try:
@@ -454,36 +545,40 @@ class CheckedComm:
         if problem is not None:
             self._fail_locally(entry, fp, CollectiveArgumentError(problem))
         backend = self._backend
+        finish: Callable[[list[Any]], Any]
         if backend.piggyback_buffers:
             copy = _buffers.copy(buffer)
             if reduce_op is None:
-                finish: Callable[[list[Any]], Any] = _buffers.stack
+                finish = _buffers.stack
             else:
-                def finish(buffers: list[Any]) -> Any:
-                    return _buffers.reduce(buffers, reduce_op)
+                finish = partial(_buffers.reduce, reduce_op=reduce_op)
             exchange = backend.post(entry.seq, NORMAL, fp, copy)
-            return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
+        else:
+            assert extra is not None  # else _fail_locally raised
+            if _buffers.inline_numpy(buffer, extra, backend.inline_buffer_bytes):
+                # A small buffer rides with its fingerprint, in either buffer_check mode: one
+                # exchange, checked. The choice depends only on (dtype, shape), which the
+                # check compares, and the rows are used only once every fingerprint agrees.
+                finish = partial(_buffers.rows_to_result, buffer.dtype, extra[2], reduce_op)
+                exchange = backend.post(entry.seq, NORMAL, fp, buffer.tobytes(), True)
+            else:
+                def post_buffer() -> Any:
+                    if reduce_op is None:
+                        return backend.post_buffer_allgather(buffer)
+                    return backend.post_buffer_allreduce(buffer, reduce_op)
 
-        def post_buffer() -> Any:
-            if reduce_op is None:
-                return backend.post_buffer_allgather(buffer)
-            return backend.post_buffer_allreduce(buffer, reduce_op)
-
-        if self.buffer_check == "off":
-            return CollectiveHandle(self, entry, fp, post_buffer(), None, None, deadline_s)
-        send = _buffers.small_numpy(buffer, backend.inline_buffer_bytes)
-        if send is not None:
-            # A small buffer rides with its fingerprint: one exchange instead of two. The
-            # choice depends only on (dtype, shape), which the check compares, and the rows
-            # are used only once every fingerprint agrees.
-            def finish_inline(rows: list[Any]) -> Any:
-                return _buffers.stacked_result(_buffers.rows_to_array(rows, send), reduce_op)
-
-            exchange = backend.post(entry.seq, NORMAL, fp, send.tobytes())
-            return CollectiveHandle(self, entry, fp, exchange, finish_inline, None, deadline_s)
-        exchange = backend.post(entry.seq, NORMAL, fp, b"")
-        return CollectiveHandle(self, entry, fp, exchange, lambda _p: None, post_buffer,
-                                deadline_s)
+                if self.buffer_check == "off":
+                    handle = CollectiveHandle(self, entry, fp, post_buffer(), None, None,
+                                              deadline_s)
+                    return handle.result() if wait else handle
+                # Preflight: the fingerprint first, then the buffers themselves.
+                exchange = backend.post(entry.seq, NORMAL, fp, b"")
+                handle = CollectiveHandle(self, entry, fp, exchange, _nothing, post_buffer,
+                                          deadline_s)
+                return handle.result() if wait else handle
+        if wait:
+            return self._wait(entry, fp, exchange, finish, deadline_s)
+        return CollectiveHandle(self, entry, fp, exchange, finish, None, deadline_s)
 
     def _fail_locally(self, entry: RecordEntry, fp: tuple[Any, ...],
                       error: CollectiveError) -> None:
@@ -491,8 +586,38 @@ class CheckedComm:
         entry.state = "failed"
         entry.end = time.time()
         self._unusable = f"call seq {entry.seq} failed on this rank: {error}"
+        self._peers_told = True
         self._backend.post(entry.seq, ABORT, (fp, str(error).splitlines()[0]), b"")
         raise error
+
+    def _fail(self, handle: CollectiveHandle, error: CollectiveError) -> None:
+        """``handle`` failed with ``error``: it and every later pending handle keep that error
+        (the earliest failure is what any later wait reports)."""
+        inflight = self._inflight
+        at = next((i for i, h in enumerate(inflight) if h is handle), None)
+        if at is None:
+            return  # already failed through an earlier handle
+        now = time.time()
+        for later in inflight[at:]:
+            later._error = error
+            if later is not handle and later.entry.state == "pending":
+                later.entry.state = "failed"
+                later.entry.end = now
+        del inflight[at:]
+
+    def _tell_peers(self, entry: RecordEntry, why: str) -> None:
+        """After a failure only this rank saw (a timeout, a backend error): post an ABORT at
+        this rank's next position, so a peer that completes the failed call and goes on gets
+        CollectiveAbortedError naming this rank at once instead of waiting out a deadline.
+        (A desync or an abort needs no word: every rank sees the same contributions.)"""
+        if self._peers_told:
+            return
+        self._peers_told = True
+        reason = f"collective seq {entry.seq} {entry.op} at {entry.site} {why} on this rank"
+        try:
+            self._backend.post(self._seq, ABORT, ((self._seq,), reason), b"")
+        except (RuntimeError, OSError):
+            pass  # best effort: the backend is what failed
 
     def _check(self, contributions: list[Contribution], fp: tuple[Any, ...],
                entry: RecordEntry) -> list[Any]:
@@ -531,6 +656,7 @@ class CheckedComm:
         entry.state = "failed"
         entry.end = time.time()
         self._unusable = f"the backend failed in collective seq {entry.seq}"
+        self._tell_peers(entry, f"failed in the backend ({type(cause).__name__})")
         return CollectiveBackendError(self.name, self.rank, entry.seq, cause)
 
     def _desync(self, entry: RecordEntry, headers: dict[int, Fingerprint],
@@ -553,6 +679,7 @@ class CheckedComm:
         entry.state = "timeout"
         entry.end = time.time()
         self._unusable = f"collective seq {entry.seq} timed out"
+        self._tell_peers(entry, f"timed out after {deadline_s:g}s")
         backend = self._backend
         mine = entry.position()
         backend.announce(mine)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._backend import CLOSED, Contribution
+from ._backend import CLOSED, NORMAL, Contribution
 from ._comm import DEFAULT_TIMEOUT_S, CheckedComm
 from ._record import FlightRecorder, Position
 from .errors import CollectiveArgumentError, SimulationError
@@ -89,18 +89,31 @@ class _Hub:
 
 
 class _LocalExchange:
-    __slots__ = ("_hub", "_seq", "_slot")
+    __slots__ = ("_header", "_hub", "_result", "_seq", "_slot")
 
-    def __init__(self, hub: _Hub, seq: int, slot: _Slot) -> None:
+    def __init__(self, hub: _Hub, seq: int, slot: _Slot, header: Any) -> None:
         self._hub = hub
         self._seq = seq
         self._slot = slot
+        self._header = header
+        self._result: list[Contribution] | None = None
 
     def test(self) -> bool:
         return self._slot.result is not None
 
+    def agreed(self) -> list[Any] | None:
+        """Every rank's payload when every rank contributed our very fingerprint, else None."""
+        result = self.contributions()
+        header = self._header
+        for kind, peer_header, _payload in result:
+            if kind != NORMAL or (peer_header is not header and peer_header != header):
+                return None
+        return [payload for _kind, _header, payload in result]
+
     def contributions(self) -> list[Contribution]:
-        return self._hub.read(self._seq, self._slot)
+        if self._result is None:
+            self._result = self._hub.read(self._seq, self._slot)
+        return self._result
 
 
 class LocalBackend:
@@ -118,9 +131,10 @@ class LocalBackend:
     def attach(self, recorder: FlightRecorder) -> None:
         self._hub.recorders[self.rank] = recorder
 
-    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> _LocalExchange:
-        return _LocalExchange(self._hub, seq, self._hub.post(self.rank, seq, (kind, header,
-                                                                                payload)))
+    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any,
+             same_len: bool = False) -> _LocalExchange:
+        return _LocalExchange(self._hub, seq,
+                              self._hub.post(self.rank, seq, (kind, header, payload)), header)
 
     # CheckedComm never calls these two: with piggyback_buffers the buffers travel as the
     # payload of post(), checked like any object.

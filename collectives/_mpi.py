@@ -4,11 +4,15 @@ Wire protocol of one checked call, on a private duplicate of the caller's commun
 point-to-point messages to every peer (MPI orders messages of one (source, tag, comm), so the
 k-th message of every peer is its k-th call, exactly as the k-th collectives would match):
 
-1. a fixed-size *slot* (tag 1): an 18-byte prefix (kind, header format, seq, header length,
-   payload length), the pickled fingerprint less its seq (pickled once per distinct
-   fingerprint; a peer whose bytes equal ours agrees without unpickling) and, when it fits,
-   the pickled payload. Slots live in pooled *channels* with persistent requests, so a call
-   costs two ``Start``s per peer instead of building fresh requests;
+1. a fixed-size *slot* (tag 1): an 18-byte prefix (payload length, kind, header format, seq,
+   header length), the pickled fingerprint less its seq (pickled once per distinct
+   fingerprint) and, when it fits, the pickled payload. Everything from the kind to the end
+   of the fingerprint is one *packed fingerprint*: a peer whose slot starts with our bytes
+   (one ``startswith`` per peer; from the payload length on for a checked inline buffer,
+   whose length must agree too) made exactly our call, and its payload is handed out
+   without decoding any header; anything else is decoded and checked field by field.
+   Slots live in pooled *channels* with persistent requests, so a call costs two
+   ``Start``s per peer instead of building fresh requests;
 2. when the body does not fit, the body itself (tag 2), sent right after the slot; a receiver
    that sees an oversized slot always receives the body, whatever it thinks of the
    fingerprint, so the streams never drift.
@@ -19,8 +23,10 @@ instead of ``Iallgather`` because MPICH's non-blocking collectives cost several 
 blocking ones, while ``Isend``/``Irecv`` over shared memory cost about what mpi4py's own
 ``allgather`` does; the price is size - 1 messages per rank per call, fine for the small TP
 groups this is for. Buffer collectives move raw buffers the same way (tag 3; allreduce is a
-gather plus a reduction in rank order, identical on every rank); a checked numpy buffer of at
-most ``_INLINE_BUFFER_BYTES`` skips that and rides as the payload of its fingerprint's slot.
+gather plus a reduction in rank order, identical on every rank); a numpy buffer of plain
+numbers of at most ``_INLINE_BUFFER_BYTES`` skips that and rides as the payload of its
+fingerprint's slot, in either ``buffer_check`` mode (so it is checked even with the preflight
+off).
 Positions travel on a second duplicate (tag 7), only after half of a deadline has passed.
 """
 
@@ -45,10 +51,14 @@ except ImportError as exc:
     ) from exc
 
 SLOT_BYTES = 512
-# kind, header format, seq, header length, payload length.
-_PREFIX = struct.Struct("<BBqII")
+# payload length, kind, header format, seq, header length: the payload length comes first, so
+# that the rest of the prefix and the header bytes that follow are one packed fingerprint.
+_PREFIX = struct.Struct("<IBBqI")
+_PLEN = struct.Struct("<I")
 _FULL = 0  # the header is the pickled header tuple
-_STATIC = 1  # the header is (seq,) + the pickled rest: seq travels in the prefix
+_STATIC = 1  # flag: the header is (seq,) + the pickled rest: seq travels in the prefix
+_INLINE = 2  # flag: header and payload are in the slot (so a peer whose packed fingerprint
+#              equals ours has its payload in its slot too)
 _SLOT_TAG = 1
 _BODY_TAG = 2
 _BUFFER_TAG = 3
@@ -60,8 +70,8 @@ _SPIN_S = 0.0002
 _YIELD_S = 0.002
 _HEADER_CACHE_MAX = 4096
 _FREE_CHANNELS = 8
-# Checked numpy buffers up to this size travel inside the fingerprint's exchange (usually
-# inline in the slot) instead of in a second, raw-buffer exchange after the check.
+# Numpy buffers of plain numbers up to this size travel inline in the fingerprint's slot
+# instead of in a raw-buffer exchange (after a preflight, or unchecked).
 _INLINE_BUFFER_BYTES = 256
 
 
@@ -97,6 +107,9 @@ class _Channel:
 
 
 class _MPIExchange:
+    # Phases: 1 slots in flight, 2 bodies in flight, 3 complete, 4 complete and every peer
+    # made exactly our call (agreed()). Attributes only the slow path reads (_prefixes,
+    # _bodies, _body_reqs, _body) are set where that path starts.
     __slots__ = (
         "_backend",
         "_bodies",
@@ -104,26 +117,30 @@ class _MPIExchange:
         "_body_reqs",
         "_channel",
         "_header",
+        "_key",
         "_phase",
+        "_plen",
         "_prefixes",
-        "_rank",
-        "_recvs",
-        "_seq",
+        "_same_len",
         "_static",
-        "polls",
         "waiting_since",
     )
 
     def __init__(self, backend: MPIBackend, seq: int, kind: int, header: Any, payload: Any,
-                 receive: bool = True) -> None:
-        rank = backend.rank
+                 receive: bool = True, same_len: bool = False) -> None:
         self._backend = backend
-        self._rank = rank
-        self._seq = seq
         self._header = header
-        self.polls = 0
+        self._same_len = same_len
         self.waiting_since = 0.0
-        static = backend._static_header(seq, header) if kind == NORMAL else None
+        static: bytes | None = None
+        if kind == NORMAL:
+            # Inline of _static_header's cache hit (the hot path).
+            try:
+                static = backend._headers.get(header[1:]) if header[0] == seq else None
+            except TypeError:  # an unhashable part
+                static = None
+            if static is None:
+                static = backend._static_header(seq, header)
         self._static = static
         if static is not None:
             fmt, header_bytes = _STATIC, static
@@ -131,37 +148,39 @@ class _MPIExchange:
             fmt = _FULL
             header_bytes = (pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
                             if header is not None else b"")
-        hlen, plen = len(header_bytes), len(payload)
-        channel = backend._channel()
+        hlen = len(header_bytes)
+        self._plen = plen = len(payload)
+        free = backend._free
+        channel = free.pop() if free and not backend._draining else backend._channel()
         self._channel: _Channel | None = channel
         slots = channel.slots
-        base = rank * SLOT_BYTES
-        _PREFIX.pack_into(slots, base, kind, fmt, seq, hlen, plen)
+        base = backend.rank * SLOT_BYTES
         start = base + _PREFIX.size
         inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
+        _PREFIX.pack_into(slots, base, plen, kind, (fmt | _INLINE) if inline else fmt, seq, hlen)
         if inline:
             slots[start:start + hlen] = header_bytes
             slots[start + hlen:start + hlen + plen] = payload
-            self._body: bytes = b""
+            # The packed fingerprint: kind, format, seq, header length and the header bytes
+            # (from the payload length on when every rank's must be equal). A peer whose slot
+            # starts with the same bytes made exactly our call: one compare per peer.
+            self._key: bytearray | None = (
+                slots[base + (0 if same_len else _PLEN.size):start + hlen]
+                if static is not None else None)
+            body = None
         else:
-            self._body = header_bytes + bytes(payload)
+            self._body = body = header_bytes + bytes(payload)
+            self._key = None
         # A rank that aborts or closes never waits for this call: it only sends.
         if receive:
-            recvs = channel.recvs
-            for request in recvs:
+            for request in channel.recvs:
                 request.Start()
-            self._recvs = recvs
-        else:
-            self._recvs = []
         for request in channel.sends:
             request.Start()
-        if not inline:
+        if body is not None:
             comm = backend._comm
-            backend._track([comm.Isend(self._body, r, _BODY_TAG)
-                            for r in range(backend.size) if r != rank])
-        self._body_reqs: list[Any] = []
-        self._bodies: dict[int, bytearray] = {}
-        self._prefixes: list[tuple[int, int, int, int, int]] = []
+            backend._track([comm.Isend(body, r, _BODY_TAG)
+                            for r in range(backend.size) if r != backend.rank])
         self._phase = 1
         if not receive:  # nothing to wait for: the channel only has sends in flight
             backend._release(channel)
@@ -169,24 +188,29 @@ class _MPIExchange:
             self._phase = 3
 
     def test(self) -> bool:
-        if self._phase == 3:
+        phase = self._phase
+        if phase >= 3:
             return True
-        self.polls += 1
-        if self._phase == 1:
+        if phase == 1:
+            channel = self._channel
+            assert channel is not None
             # Request.Test per request is several times cheaper than Request.Testall on a
             # list; a completed persistent request is inactive, and testing it again is a
             # cheap True.
-            for request in self._recvs:
+            for request in channel.recvs:
                 if not request.Test():
                     return False
-            slots = self._channel.slots  # type: ignore[union-attr]
-            self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
-                              for r in range(len(slots) // SLOT_BYTES)]
-            for r, (_kind, _fmt, _seq, hlen, plen) in enumerate(self._prefixes):
-                if r != self._rank and _PREFIX.size + hlen + plen > SLOT_BYTES:
-                    buf = self._bodies[r] = bytearray(hlen + plen)
-                    self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
-            self._phase = 2
+            slots = channel.slots
+            key = self._key
+            if key is not None:
+                at = 0 if self._same_len else _PLEN.size
+                for base in self._backend._peer_bases:
+                    if not slots.startswith(key, base + at):
+                        break
+                else:
+                    self._phase = 4
+                    return True
+            self._slow_path(slots)
         body_reqs = self._body_reqs
         while body_reqs:
             if not body_reqs[-1].Test():
@@ -195,15 +219,63 @@ class _MPIExchange:
         self._phase = 3
         return True
 
+    def _slow_path(self, slots: bytearray) -> None:
+        """Decode every prefix and receive the bodies that did not fit (phase 2)."""
+        self._prefixes = [_PREFIX.unpack_from(slots, r * SLOT_BYTES)
+                          for r in range(len(slots) // SLOT_BYTES)]
+        self._bodies: dict[int, bytearray] = {}
+        self._body_reqs: list[Any] = []
+        own = self._backend.rank
+        for r, (plen, _kind, _fmt, _seq, hlen) in enumerate(self._prefixes):
+            if r != own and _PREFIX.size + hlen + plen > SLOT_BYTES:
+                buf = self._bodies[r] = bytearray(hlen + plen)
+                self._body_reqs.append(self._backend._comm.Irecv(buf, r, _BODY_TAG))
+        self._phase = 2
+
+    def agreed(self) -> list[Any] | None:
+        """Every rank's payload when every peer's slot starts with our packed fingerprint, else
+        None: then contributions() has every rank's header for the full check."""
+        if self._phase != 4:
+            return None
+        channel = self._channel
+        assert channel is not None and self._static is not None
+        slots = channel.slots
+        backend = self._backend
+        off = _PREFIX.size + len(self._static)
+        if self._same_len:
+            end = off + self._plen
+            out = [slots[base + off:base + end] for base in backend._bases]
+        else:
+            # Equal packed fingerprints include the inline flag: every payload is in its slot.
+            unpack = _PLEN.unpack_from
+            out = [slots[base + off:base + off + unpack(slots, base)[0]]
+                   for base in backend._bases]
+        self._channel = None
+        for request in channel.sends:  # inline of _release and _keep
+            if not request.Test():
+                backend._draining.append(channel)
+                return out
+        free = backend._free
+        if len(free) < _FREE_CHANNELS:
+            free.append(channel)
+        else:
+            channel.free()
+        return out
+
     def contributions(self) -> list[Contribution]:
         """Every rank's (kind, header, payload); payloads are copied out of the channel,
         which goes back to the pool."""
         out: list[Contribution] = []
         channel = self._channel
-        assert channel is not None and self._phase == 3
+        assert channel is not None and self._phase >= 3
+        if self._phase == 4:  # every header equals ours
+            payloads = self.agreed()
+            assert payloads is not None
+            return [(NORMAL, self._header, payload) for payload in payloads]
         slots = channel.slots
-        static, own, seq = self._static, self._rank, self._seq
-        for rank, (kind, fmt, peer_seq, hlen, plen) in enumerate(self._prefixes):
+        static, own = self._static, self._backend.rank
+        seq = self._header[0] if static is not None else None
+        for rank, (plen, kind, fmt, peer_seq, hlen) in enumerate(self._prefixes):
             base = rank * SLOT_BYTES + _PREFIX.size
             inline = _PREFIX.size + hlen + plen <= SLOT_BYTES
             if inline:
@@ -217,7 +289,7 @@ class _MPIExchange:
                 header: Any = self._header
             elif kind == CLOSED:
                 header = None
-            elif fmt == _STATIC:
+            elif fmt & _STATIC:
                 # Same bytes as ours means an equal fingerprint: hand back our own tuple and
                 # skip unpickling; anything else is decoded and compared as a tuple.
                 if (static is not None and peer_seq == seq and hlen == len(static)
@@ -236,7 +308,7 @@ class _MPIExchange:
 class _MPIBufferExchange:
     """Every rank's buffer, moved point-to-point; the result is stacked or reduced."""
 
-    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "polls", "waiting_since")
+    __slots__ = ("_gathered", "_recvs", "_reduce_op", "_to_torch", "waiting_since")
 
     def __init__(self, backend: MPIBackend, buffer: Any, reduce_op: str | None) -> None:
         import numpy as np
@@ -253,11 +325,9 @@ class _MPIBufferExchange:
         backend._track([comm.Isend(send, dest=r, tag=_BUFFER_TAG) for r in peers])
         self._gathered = gathered
         self._reduce_op = reduce_op
-        self.polls = 0
         self.waiting_since = 0.0
 
     def test(self) -> bool:
-        self.polls += 1
         recvs = self._recvs
         while recvs:
             if not recvs[-1].Test():
@@ -284,6 +354,9 @@ class MPIBackend:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self.log_rank = MPI.COMM_WORLD.Get_rank()
+        # Where each rank's slot starts in a channel (all ranks; peers only).
+        self._bases = [r * SLOT_BYTES for r in range(self.size)]
+        self._peer_bases = [r * SLOT_BYTES for r in range(self.size) if r != self.rank]
         self._known: dict[int, Position] = {}
         self._sends: list[Any] = []
         self._headers: dict[tuple[Any, ...], bytes] = {}
@@ -339,8 +412,9 @@ class MPIBackend:
                 self._headers[rest] = found
         return found
 
-    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> _MPIExchange:
-        return _MPIExchange(self, seq, kind, header, payload, receive=kind == NORMAL)
+    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any,
+             same_len: bool = False) -> _MPIExchange:
+        return _MPIExchange(self, seq, kind, header, payload, kind == NORMAL, same_len)
 
     def post_buffer_allgather(self, buffer: Any) -> _MPIBufferExchange:
         return _MPIBufferExchange(self, buffer, None)

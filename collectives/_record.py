@@ -18,8 +18,10 @@ import attrs
 
 # Frames whose module name starts with this are ours: the call site is the first frame after.
 _OWN_PREFIX = "kvhandoff.collectives"
-# Per (code, instruction offset): the site string, so a warm lookup is a short frame walk and
-# a dict hit (no line-table lookup, no string formatting).
+# Per (code, instruction offset): the site string, or _OWN for a frame of ours (the walk goes
+# on to its caller), so a warm lookup is one dict hit per frame (no module-name test, no
+# line-table lookup, no string formatting).
+_OWN = ""
 _site_cache: dict[tuple[Any, int], str] = {}
 
 
@@ -28,18 +30,22 @@ def call_site(skip: int = 2) -> str:
 
     A cheap walk of ``f_back`` (no ``inspect.stack``), cached per (code, instruction)."""
     frame = sys._getframe(skip)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(_OWN_PREFIX):
+    cache = _site_cache
+    while frame is not None:
+        key = (frame.f_code, frame.f_lasti)
+        site = cache.get(key)
+        if site is None:
+            code = frame.f_code
+            if frame.f_globals.get("__name__", "").startswith(_OWN_PREFIX):
+                site = _OWN
+            else:
+                site = f"{code.co_filename}:{frame.f_lineno} {code.co_name}"
+            if len(cache) < 65536:
+                cache[key] = site
+        if site:  # _OWN is the only empty one
+            return site
         frame = frame.f_back  # type: ignore[assignment]
-    if frame is None:
-        return "<unknown>:0 <unknown>"
-    code = frame.f_code
-    key = (code, frame.f_lasti)
-    site = _site_cache.get(key)
-    if site is None:
-        site = f"{code.co_filename}:{frame.f_lineno} {code.co_name}"
-        if len(_site_cache) < 65536:
-            _site_cache[key] = site
-    return site
+    return "<unknown>:0 <unknown>"
 
 
 # Exact builtin types whose summary depends only on (type, len) or (type, value): memoized,

@@ -89,6 +89,10 @@ class _TorchExchange:
         self._phase = 3
         return True
 
+    def agreed(self) -> None:
+        """No fast path: CheckedComm checks every contribution()."""
+        return None
+
     def contributions(self) -> list[Contribution]:
         out: list[Contribution] = []
         for rank, (kind, hlen, plen) in enumerate(self._prefixes):
@@ -153,7 +157,8 @@ class TorchBackend:
         self._prefix = f"kvhandoff/{name}/{_instances}/pos/"
         self._lingering: list[Any] = []
 
-    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any) -> _TorchExchange:
+    def post(self, seq: int, kind: int, header: tuple[Any, ...], payload: Any,
+             same_len: bool = False) -> _TorchExchange:
         exchange = _TorchExchange(self._group, self.size, kind,
                                   pickle.dumps(header, pickle.HIGHEST_PROTOCOL), payload)
         if kind == ABORT:

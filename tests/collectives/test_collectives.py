@@ -408,6 +408,72 @@ def test_nonblocking_mismatch_raises_from_test_and_result() -> None:
         second.result()
 
 
+def diverging_then_pending(comm: CheckedComm) -> Any:
+    """Issue 13 item 3: rank 1 skips a collective its peers issue, then every rank posts two
+    non-blocking calls and waits on the second only."""
+    if comm.rank != 1:
+        comm.allreduce(1)  # site: diverge-allreduce
+    first = comm.ibarrier()  # site: diverge-ibarrier
+    second = comm.iallgather(comm.rank)
+    try:
+        return second.result()
+    except CollectiveDesyncError as exc:
+        # The earlier call carries the same error, and the later one is failed, not pending.
+        with pytest.raises(CollectiveDesyncError) as again:
+            first.result()
+        assert again.value is exc
+        assert second.entry.state in ("failed", "desync")
+        raise
+
+
+def test_a_wait_surfaces_an_earlier_pending_calls_desync() -> None:
+    # Before the fix rank 1 waited on its second call only and ended at the deadline with
+    # CollectiveTimeoutError, while ranks 0 and 2 had seen the desync of seq 0 at once.
+    results = simulate_ranks(3, diverging_then_pending, timeout=10, return_exceptions=True)
+    allreduce = site_of("diverge-allreduce", "diverging_then_pending")
+    ibarrier = site_of("diverge-ibarrier", "diverging_then_pending")
+    for rank, error in enumerate(results):
+        assert isinstance(error, CollectiveDesyncError), (rank, error)
+        assert error.seq == 0
+        assert {r: (f.op, f.site) for r, f in error.table.items()} == {
+            0: ("allreduce", allreduce), 1: ("barrier", ibarrier), 2: ("allreduce", allreduce)}
+        assert allreduce in str(error) and ibarrier in str(error)
+        assert error.mismatched_ranks == [1]
+
+
+def test_test_on_a_later_handle_raises_an_earlier_desync_without_waiting() -> None:
+    comms = local_group(3, "tp", timeout=10)
+    peers = [comms[0].iallreduce(1), comms[2].iallreduce(1)]
+    first = comms[1].ibarrier()
+    second = comms[1].iallgather(1)
+    with pytest.raises(CollectiveDesyncError) as info:
+        second.test()  # never blocks, and nobody polled ``first``
+    assert info.value.seq == 0 and info.value.mismatched_ranks == [1]
+    for handle in (first, second):
+        with pytest.raises(CollectiveDesyncError) as again:
+            handle.test()
+        assert again.value is info.value
+    for handle in peers:
+        with pytest.raises(CollectiveDesyncError):
+            handle.result()
+
+
+def test_a_rank_that_timed_out_aborts_its_peers_next_call() -> None:
+    # Rank 0 gives up on seq 0 (rank 2 was late); ranks 1 and 2 then complete seq 0 with
+    # rank 0's contribution and must learn at seq 1 that rank 0 is gone, not at a deadline.
+    comms = local_group(3, "tp", timeout=10)
+    with pytest.raises(CollectiveTimeoutError):
+        comms[0].allgather("a", tag="t", timeout=0.05)
+    late = [comms[1].iallgather("b", tag="t"), comms[2].iallgather("c", tag="t")]
+    assert [h.result() for h in late] == [["a", "b", "c"]] * 2
+    nexts = [comms[1].iallgather("d", tag="t"), comms[2].iallgather("e", tag="t")]
+    for handle in nexts:
+        with pytest.raises(CollectiveAbortedError) as info:
+            handle.test()
+        assert list(info.value.reasons) == [0]
+        assert "seq 0" in info.value.reasons[0] and "timed out" in info.value.reasons[0]
+
+
 def test_nonblocking_deadline_is_checked_inside_test() -> None:
     comms = local_group(2, "tp", timeout=0.5)
     handle = comms[0].iallgather(1)
@@ -569,14 +635,19 @@ def test_sigusr1_dumps_every_live_communicator(log_dir: Path) -> None:
     comms = local_group(2, "sig", timeout=10)
     assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
     os.kill(os.getpid(), signal.SIGUSR1)
+    path = log_dir / "rank-1.jsonl"
+
+    def signal_dumps() -> list[dict[str, Any]]:
+        # Complete lines only: the watchdog thread may be writing the dump of another live
+        # communicator (an earlier test's) while this one reads; wait for this comm's own.
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
+        return [x for x in map(json.loads, lines) if x["event"] == "flight_recorder.dump"
+                and x["reason"] == "signal" and x["comm"] == "sig"]
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        path = log_dir / "rank-1.jsonl"
-        if path.exists() and '"signal"' in path.read_text():
-            break
+    while time.monotonic() < deadline and not signal_dumps():
         time.sleep(0.02)
-    dumps = [x for x in read_log(log_dir, 1) if x["event"] == "flight_recorder.dump"]
-    assert any(d["reason"] == "signal" and d["comm"] == "sig" for d in dumps)
+    assert signal_dumps()
     assert comms[1].dump() == []
 
 

@@ -12,7 +12,7 @@ import pytest
 
 SCENARIOS = ("seed000", "seed000-fixed", "seed001-mixed", "seed001-fixed", "seed003",
              "seed003-fixed", "bcast-idiom", "buffers", "unpicklable", "closed",
-             "seed001-missing")
+             "diverge-pending", "timeout-notice", "seed001-missing")
 
 
 def assert_all_scenarios_ok(output: str, size: int) -> None:
@@ -30,7 +30,8 @@ def assert_problem_logs(log_dir: Path, size: int) -> None:
         assert ("flight_recorder.dump", "seed000") in events
         assert all(x["rank"] == rank for x in lines)
         if rank < size // 2:
-            (timeout,) = [x for x in lines if x["event"] == "collective.timeout"]
+            (timeout,) = [x for x in lines if x["event"] == "collective.timeout"
+                          and x["comm"] == "seed001-missing"]
             assert timeout["arrived"] == list(range(size // 2))
             assert timeout["missing"] == list(range(size // 2, size))
 

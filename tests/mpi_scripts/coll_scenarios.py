@@ -114,16 +114,29 @@ def run_scenarios(make: Factory, rank: int, size: int) -> None:
     else:
         got = comm.bcast(None, root=0, tag="cfg")
     assert got == payload
+    # One call, payloads in and out of the slot: the fast agreement must not take a stale
+    # slot for a payload, and every rank gets every payload.
+    for big in (0, 1, size):  # rank 0 oversized, rank 1 oversized, every rank oversized
+        mine = "y" * 1000 if rank == big or big == size else rank
+        assert comm.allgather(mine, tag="mixed") == [
+            "y" * 1000 if r == big or big == size else r for r in range(size)]
     ok("bcast-idiom")
 
     comm = make("buffers", 10.0)
     stacked = comm.allgather_buffer(np.arange(3) + rank)
     assert stacked.tolist() == [[r, r + 1, r + 2] for r in range(size)]
     assert comm.allreduce_buffer(np.full(2, rank), "max").tolist() == [size - 1] * 2
+    strided = (np.arange(6) + rank).reshape(2, 3).T  # not C-contiguous
+    assert comm.allgather_buffer(strided).tolist() == [
+        (np.arange(6) + r).reshape(2, 3).T.tolist() for r in range(size)]
     err = expect(CollectiveDesyncError, lambda: comm.allgather_buffer(np.zeros(2 + rank % 2)))
     unchecked = make("buffers-off", 10.0)
     unchecked.buffer_check = "off"  # no preflight exchange: recorded and bounded only
     assert unchecked.allreduce_buffer(np.full(3, rank), "sum").tolist() == [sum(range(size))] * 3
+    if unchecked._backend.inline_buffer_bytes >= 24:
+        # Where small numpy buffers ride with their fingerprint (MPI), they are checked even
+        # with the preflight off: a mismatch is a desync, not the backend's undefined behaviour.
+        expect(CollectiveDesyncError, lambda: unchecked.allgather_buffer(np.zeros(2 + rank % 2)))
     ok("buffers")
 
     comm = make("unpicklable", 30.0)
@@ -142,6 +155,37 @@ def run_scenarios(make: Factory, rank: int, size: int) -> None:
         err = expect(CollectiveAbortedError, lambda: comm.allgather(1))
         assert err.reasons == {0: "closed the communicator"}
     ok("closed")
+
+    # Issue 13 item 3: rank 1 skips a collective; then every rank posts two non-blocking
+    # calls and waits on the second. Rank 1 must see the desync of seq 0 (its earlier,
+    # unwaited call), not wait out the deadline of the second.
+    comm = make("diverge-pending", 20.0)
+    if rank != 1:
+        err = expect(CollectiveDesyncError, lambda: comm.allreduce(1))
+    else:
+        first = comm.ibarrier()
+        second = comm.iallgather(rank)
+        err = expect(CollectiveDesyncError, second.result)
+        assert expect(CollectiveDesyncError, first.result) is err
+    assert err.seq == 0 and err.mismatched_ranks == [1], (err.seq, err.mismatched_ranks)
+    assert {f.op for f in err.table.values()} == {"allreduce", "barrier"}
+    assert all(f.site in str(err) for f in err.table.values())
+    ok("diverge-pending")
+
+    # A rank that gave up on a call (its deadline passed while a peer was late) tells its
+    # peers at its next position: they complete that call with its contribution and then
+    # get CollectiveAbortedError naming it at once, not a timeout at their own deadline.
+    side = make("timeout-notice-side", 20.0)
+    comm = make("timeout-notice", 20.0)
+    if rank == 0:
+        expect(CollectiveTimeoutError, lambda: comm.allgather(rank, tag="a", timeout=0.5))
+        side.barrier(tag="given-up")  # the others start only once this rank has given up
+    else:
+        side.barrier(tag="given-up")
+        assert comm.allgather(rank, tag="a") == list(range(size))
+        err = expect(CollectiveAbortedError, lambda: comm.allgather(rank, tag="b"))
+        assert list(err.reasons) == [0] and "timed out" in err.reasons[0], err.reasons
+    ok("timeout-notice")
 
     # Last: after a timeout the wire of this communicator is out of step for good.
     comm = make("seed001-missing", 2.0)

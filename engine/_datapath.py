@@ -74,7 +74,9 @@ class DataPath:
         self._num_layers = pool.num_layers
         # The region path: offered by the transport, for regions of at least this average.
         self._moves_regions = self._transport.moves_regions
-        self._region_min_bytes = engine.config.region_min_bytes
+        min_bytes = engine.config.region_min_bytes
+        self._region_min_bytes = (self._transport.region_min_bytes if min_bytes is None
+                                  else min_bytes)
         self._tensor_block_nbytes = pool.block_nbytes // len(pool.layers)
         self.staging = StagingPool(device=pool.device)
         self._tags_in_use: set[int] = set()

@@ -186,6 +186,9 @@ class Transport(abc.ABC):
     cancellable_kinds: frozenset[HandleKind] = frozenset()
     #: True when ``post_send_regions`` / ``post_recv_regions`` move regions natively.
     moves_regions: bool = False
+    #: A hint for the engine (``EngineConfig.region_min_bytes`` overrides it): regions that
+    #: average fewer bytes than this move faster through a staging buffer on this transport.
+    region_min_bytes: int = 0
 
     def __init__(self) -> None:
         self._ready: collections.deque[TransportHandle] = collections.deque()

@@ -121,6 +121,7 @@ class FaultyTransport(Transport):
         self.max_tag = inner.max_tag
         self.cancellable_kinds = inner.cancellable_kinds
         self.moves_regions = inner.moves_regions
+        self.region_min_bytes = inner.region_min_bytes
         self.seed = seed
         self._rng = random.Random(seed)
         self._error_rate = error_rate

@@ -21,6 +21,7 @@ mpi4py is imported when a transport is created, never at package import.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -76,13 +77,19 @@ class MPITransport(Transport):
     tensors; CUDA tensors are accepted only with ``cuda_aware=True`` (an MPI built with CUDA
     support). Receives can be cancelled, sends cannot (``cancellable_kinds == {RECV}``).
     ``max_tag`` is the MPI implementation's ``TAG_UB`` (at least 32767). Regions move
-    natively (``moves_regions``), as one derived datatype per operation.
+    natively (``moves_regions``), as one derived datatype per operation; while any is
+    pending, ``poll()`` tests for up to ``progress_spin_s`` (see the module docstring).
     """
 
     cancellable_kinds = frozenset({HandleKind.RECV})
     moves_regions = True
+    # MPICH packs a derived datatype through its shared-memory cells a few at a time, while a
+    # contiguous message is one copy: measured, the pipelined staged path is faster at every
+    # region size tried (docs/benchmarks.md), so the engine takes it unless told otherwise.
+    region_min_bytes = 1 << 40
 
-    def __init__(self, comm: Any = None, *, cuda_aware: bool = False) -> None:
+    def __init__(self, comm: Any = None, *, cuda_aware: bool = False,
+                 progress_spin_s: float = 0.002) -> None:
         super().__init__()
         try:
             from mpi4py import MPI
@@ -99,6 +106,10 @@ class MPITransport(Transport):
         tag_ub: Any = self._comm.Get_attr(MPI.TAG_UB)
         self.max_tag = min(int(tag_ub), MAX_TAG)
         self.cuda_aware = cuda_aware
+        if not progress_spin_s >= 0:
+            raise ValueError(f"progress_spin_s must be >= 0, got {progress_spin_s!r}")
+        self.progress_spin_s = float(progress_spin_s)
+        self._regions_pending = 0
         # Parallel lists: Testsome wants the requests as one sequence; swap-remove keeps
         # both O(1) per completion.
         self._requests: list[Any] = []
@@ -157,6 +168,7 @@ class MPITransport(Transport):
         except BaseException:
             datatype.Free()
             raise
+        self._regions_pending += 1
         return self._track(_MPIHandle(self, kind, peer, tag, regions.nbytes, regions, request,
                                       datatype))
 
@@ -180,6 +192,17 @@ class MPITransport(Transport):
         self._reap_control_sends()
         if not self._requests:
             return
+        if not (self._regions_pending and self.progress_spin_s):
+            self._test_some()
+            return
+        # Derived-datatype messages progress a few cells per MPI call (module docstring).
+        deadline = time.perf_counter() + self.progress_spin_s
+        while not self._test_some() and self._regions_pending and \
+                time.perf_counter() < deadline:
+            pass
+
+    def _test_some(self) -> bool:
+        """One ``Testsome`` over the pending requests; True when any completed."""
         MPI = self._mpi
         statuses = self._statuses
         while len(statuses) < len(self._requests):
@@ -189,7 +212,7 @@ class MPITransport(Transport):
         except MPI.Exception:
             indices = self._completed_after_error()
         if not indices:
-            return
+            return False
         # Testsome fills statuses[k] for indices[k]; read every outcome before removal moves
         # entries around.
         outcomes = [(i, self._outcome(self._pending[i], statuses[k]))
@@ -206,7 +229,9 @@ class MPITransport(Transport):
             if handle.datatype is not None:
                 handle.datatype.Free()
                 handle.datatype = None
+                self._regions_pending -= 1
             handle._finish(state, error)
+        return True
 
     def _completed_after_error(self) -> list[int]:
         """After Testsome raised MPI_ERR_IN_STATUS, the completed requests are the ones now

@@ -97,7 +97,8 @@ async def test_layerwise_large_layers_move_in_pieces_each() -> None:
 
 
 def test_region_min_bytes_is_validated() -> None:
-    assert EngineConfig().region_min_bytes > 0
+    assert EngineConfig().region_min_bytes is None  # the transport's hint
+    assert EngineConfig(region_min_bytes=0).region_min_bytes == 0
     for bad in (-1, 1.5, True, "4096"):
         with pytest.raises(EngineConfigError):
             EngineConfig(region_min_bytes=bad)  # type: ignore[arg-type]

@@ -105,8 +105,8 @@ class BlockIdOutOfRangeError(BlockCopyError, IndexError):
 
 
 class DuplicateBlockIdError(BlockCopyError, ValueError):
-    """A scatter names the same destination block more than once, so the result would depend
-    on which copy landed last.
+    """A scatter (or copy_blocks) names the same destination block more than once, so the
+    result would depend on which copy landed last.
 
     Attribute: ``block_ids`` (each duplicated id once, ascending).
     """
@@ -114,7 +114,7 @@ class DuplicateBlockIdError(BlockCopyError, ValueError):
     def __init__(self, block_ids: list[int]):
         self.block_ids = block_ids
         super().__init__(
-            f"scatter destination block ids {_preview(block_ids)} appear more than once; each "
+            f"destination block ids {_preview(block_ids)} appear more than once; each "
             "destination block may be written by one packed block only"
         )
 
@@ -144,8 +144,10 @@ class PackedBufferError(BlockCopyError, ValueError):
         return (type(self), (self.field, self.expected, self.got))
 
 
-class BufferTooSmallError(BlockCopyError, ValueError):
-    """The packed buffer holds fewer bytes than the chosen blocks of every layer need.
+class BufferSizeError(BlockCopyError, ValueError):
+    """The packed buffer does not hold exactly the bytes the chosen blocks of every layer
+    take: a shorter one cannot hold them, and a longer one would leave (gather) or read
+    (scatter) bytes no block accounts for, which is always a caller's sizing bug.
 
     Attributes: ``needed_nbytes`` and ``got_nbytes``.
     """
@@ -154,12 +156,95 @@ class BufferTooSmallError(BlockCopyError, ValueError):
         self.needed_nbytes = needed_nbytes
         self.got_nbytes = got_nbytes
         super().__init__(
-            f"the packed buffer has {got_nbytes} bytes but {needed_nbytes} are needed; size it "
-            "with packed_nbytes(layers, len(block_ids))"
+            f"the packed buffer has {got_nbytes} bytes but exactly {needed_nbytes} are needed; "
+            "size it with packed_nbytes(layers, len(block_ids)) (slice a larger one)"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.needed_nbytes, self.got_nbytes))
+
+
+class BlockCopySidesError(BlockCopyError, ValueError):
+    """The source and destination of a block-to-block copy (``copy_blocks``) do not describe
+    the same bytes: another number of layer tensors, block shape, dtype, device or number of
+    block ids.
+
+    Attributes: ``field`` (``"count"``, ``"block_shape"``, ``"dtype"``, ``"device"`` or
+    ``"num_ids"``), ``source`` and ``destination`` (the two sides' values).
+    """
+
+    def __init__(self, field: str, source: Any, destination: Any):
+        self.field = field
+        self.source = source
+        self.destination = destination
+        super().__init__(
+            f"copy_blocks: the source has {field} {source} but the destination {destination}; "
+            "both sides must hold the same layers (count, block shape, dtype, device) and name "
+            "as many blocks"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.field, self.source, self.destination))
+
+
+class InvalidRegionsError(BlockCopyError, ValueError):
+    """One side of ``copy_regions`` is not a usable region list: its addresses and lengths
+    are not two 1-D ``uint64`` arrays of one length, its device is not a ``torch.device``, or
+    a region lies outside every tensor in its ``owners`` (the copy would touch memory nobody
+    keeps alive).
+
+    Attributes: ``side`` (``"source"`` or ``"destination"``) and ``reason``.
+    """
+
+    def __init__(self, side: str, reason: str):
+        self.side = side
+        self.reason = reason
+        super().__init__(
+            f"copy_regions: the {side} regions are unusable: {reason}; build them with "
+            "kvhandoff.engine.transports.block_regions"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.side, self.reason))
+
+
+class RegionSizeMismatchError(BlockCopyError, ValueError):
+    """The two region lists of ``copy_regions`` hold different numbers of bytes, so the
+    source stream cannot fill the destination exactly.
+
+    Attributes: ``source_nbytes`` and ``destination_nbytes``.
+    """
+
+    def __init__(self, source_nbytes: int, destination_nbytes: int):
+        self.source_nbytes = source_nbytes
+        self.destination_nbytes = destination_nbytes
+        super().__init__(
+            f"copy_regions: the source regions hold {source_nbytes} bytes and the destination "
+            f"regions {destination_nbytes}; a copy moves one exact byte stream"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source_nbytes, self.destination_nbytes))
+
+
+class OverlappingCopyError(BlockCopyError, ValueError):
+    """A block-to-block or region copy would write bytes it also reads (source and
+    destination overlap in memory), so the result would depend on the copy order.
+
+    Attributes: ``address`` (the first overlapping source byte) and ``nbytes`` (how many
+    bytes of that source range overlap the destination).
+    """
+
+    def __init__(self, address: int, nbytes: int):
+        self.address = address
+        self.nbytes = nbytes
+        super().__init__(
+            f"the source and destination of the copy overlap at {address:#x} ({nbytes} bytes); "
+            "copy between distinct blocks (stage through a buffer to move a block onto itself)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.address, self.nbytes))
 
 
 class ExtensionUnavailableError(BlockCopyError, RuntimeError):

@@ -25,6 +25,24 @@ const char* kvhandoff_block_copy_cuda(const int64_t* table, int64_t num_tensors,
                                       int64_t num_ids, int64_t block_nbytes, void* packed,
                                       int vec_nbytes, int gather, void* stream);
 
+// Copies blocks between two sets of tensors in one launch: block sids[j] of source tensor t to
+// block dids[j] of destination tensor t.
+//
+//   table         device memory, int64[2 * num_tensors + 2 * num_ids]: the source tensors'
+//                 base addresses, the destination tensors', then sids, then dids
+//   vec_nbytes    the widest access every base address and `block_nbytes` are aligned to
+const char* kvhandoff_block_between_cuda(const int64_t* table, int64_t num_tensors,
+                                         int64_t num_ids, int64_t block_nbytes, int vec_nbytes,
+                                         void* stream);
+
+// Performs a list of independent copies in one launch.
+//
+//   pieces        device memory, int64[3 * num_pieces]: (destination address, source
+//                 address, nbytes) of each copy; the copies must not overlap
+//   Each piece picks the widest access its own two addresses and size are aligned to.
+const char* kvhandoff_piece_copy_cuda(const int64_t* pieces, int64_t num_pieces,
+                                      void* stream);
+
 #ifdef __cplusplus
 }
 #endif

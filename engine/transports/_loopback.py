@@ -5,6 +5,13 @@ matched) complete together the moment the second of the two is posted: the bytes
 inside that ``post_*`` call, so nothing ever waits and no thread is needed. The embedded
 demo runs several ranks' engines in one event loop over these endpoints. A lock makes the
 shared table safe when endpoints are driven from different threads too.
+
+Region form (``moves_regions``): either side may post ``Regions`` instead of a buffer. A
+region send matched with a region receive copies the sender's blocks straight into the
+receiver's in one pass (``kvhandoff.cuda_ext.copy_regions``: a merge of the two region lists,
+one parallel loop on the CPU, one kernel on a GPU), with no staging buffer on either side. A
+buffer is one region, so a region send and a buffer receive (or the other way round) move
+the same byte stream through the same call; two buffers keep their plain ``copy_``.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import collections
 import threading
 from typing import cast
 
+import numpy as np
 import torch
+from kvhandoff import cuda_ext
 from kvhandoff.engine.transports._base import (
     HandleKind,
     HandleState,
     Transport,
     TransportHandle,
 )
+from kvhandoff.engine.transports._regions import Regions
+from kvhandoff.engine.transports.errors import InvalidBufferError
 
 __all__ = ["LoopbackTransport", "loopback_group"]
 
@@ -28,8 +39,9 @@ _Key = tuple[int, int, int]  # (source rank, destination rank, tag)
 
 class _LoopbackHandle(TransportHandle):
     def __init__(self, owner: LoopbackTransport, kind: HandleKind, peer: int, tag: int,
-                 data: torch.Tensor) -> None:
-        super().__init__(kind, peer, tag, data.numel(), owner._ready.append)
+                 data: torch.Tensor | Regions) -> None:
+        nbytes = data.nbytes if isinstance(data, Regions) else data.numel()
+        super().__init__(kind, peer, tag, nbytes, owner._ready.append)
         self._owner = owner
         self._buffer = data
         src, dst = (owner.rank, peer) if kind is HandleKind.SEND else (peer, owner.rank)
@@ -85,8 +97,21 @@ class _Hub:
             send._finish(HandleState.FAILED, reason)
             recv._finish(HandleState.FAILED, reason)
             return
-        # Both are still pending here, so both still hold their byte views.
-        cast(torch.Tensor, recv._buffer).copy_(cast(torch.Tensor, send._buffer))
+        # Both are still pending here, so both still hold their byte views or regions.
+        source = cast(torch.Tensor | Regions, send._buffer)
+        target = cast(torch.Tensor | Regions, recv._buffer)
+        if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor):
+            target.copy_(source)
+        else:
+            try:
+                cuda_ext.copy_regions(_as_regions(source), _as_regions(target))
+            except cuda_ext.BlockCopyError as exc:
+                # Raised before any byte moved (e.g. the two sides overlap): like a size
+                # mismatch, both operations fail and neither side's memory is written.
+                reason = f"region copy refused: {exc}"
+                send._finish(HandleState.FAILED, reason)
+                recv._finish(HandleState.FAILED, reason)
+                return
         send._finish(HandleState.DONE)
         recv._finish(HandleState.DONE)
 
@@ -116,13 +141,23 @@ class _Hub:
             handle._finish(HandleState.FAILED, reason)
 
 
+def _as_regions(data: torch.Tensor | Regions) -> Regions:
+    """``data`` as regions: a (flat byte view) buffer is one region over its bytes."""
+    if isinstance(data, Regions):
+        return data
+    return Regions(np.array([data.data_ptr()], dtype=np.uint64),
+                   np.array([data.numel()], dtype=np.uint64), data.device, (data,), data.numel())
+
+
 class LoopbackTransport(Transport):
     """One rank's endpoint of an in-process group; make them with ``loopback_group(n)`` or
     ``LoopbackTransport.pair()``. Posted operations of either kind can be cancelled while
     unmatched. Sizes must match exactly: a send and receive of different sizes both fail
-    with a ``size mismatch`` error and neither buffer is written."""
+    with a ``size mismatch`` error and neither buffer is written. Moves regions
+    (``post_send_regions`` / ``post_recv_regions``) block to block in one pass."""
 
     cancellable_kinds = frozenset(HandleKind)
+    moves_regions = True
 
     def __init__(self, hub: _Hub, rank: int) -> None:
         super().__init__()
@@ -143,8 +178,28 @@ class LoopbackTransport(Transport):
     def post_recv(self, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
         return self._post(HandleKind.RECV, buf, peer, tag)
 
+    def post_send_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        return self._post_regions(HandleKind.SEND, regions, peer, tag)
+
+    def post_recv_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        return self._post_regions(HandleKind.RECV, regions, peer, tag)
+
     def _post(self, kind: HandleKind, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
         handle = _LoopbackHandle(self, kind, *self._check_post(kind, buf, peer, tag))
+        self._hub.post(handle)
+        return handle
+
+    def _post_regions(self, kind: HandleKind, regions: object, peer: int,
+                      tag: int) -> TransportHandle:
+        self._check_open(f"post_{kind.value}_regions")
+        checked_peer, checked_tag = self._check_peer(peer), self._check_tag(tag)
+        if not isinstance(regions, Regions):
+            raise InvalidBufferError(
+                f"regions must be a Regions (see block_regions), not {type(regions).__name__}")
+        if regions.nbytes <= 0:
+            raise InvalidBufferError("the regions are empty: there is nothing to move",
+                                     device=str(regions.device))
+        handle = _LoopbackHandle(self, kind, checked_peer, checked_tag, regions)
         self._hub.post(handle)
         return handle
 

@@ -15,7 +15,7 @@ from kvhandoff.cuda_ext import (
     BlockCopyConfigError,
     BlockCopyError,
     BlockIdOutOfRangeError,
-    BufferTooSmallError,
+    BufferSizeError,
     DuplicateBlockIdError,
     InvalidBlockIdsError,
     LayerMismatchError,
@@ -128,11 +128,12 @@ def test_gather_writes_every_packed_byte(
     expected = expected_packed(layers, block_ids)
     assert packed_nbytes(layers, len(block_ids)) == expected.numel()
     for poison in POISONS:
-        out = torch.full((expected.numel() + 37,), poison, dtype=torch.uint8)
+        backing = torch.full((expected.numel() + 37,), poison, dtype=torch.uint8)
+        out = backing[:expected.numel()]
         used = gather(layers, block_ids, out)
         assert used.data_ptr() == out.data_ptr() and used.numel() == expected.numel()
         assert torch.equal(used, expected)  # with both poisons: every byte was written
-        assert bool((out[expected.numel():] == poison).all())  # nothing past the prefix
+        assert bool((backing[expected.numel():] == poison).all())  # nothing past the end
     assert all(same_bytes(a, b) for a, b in zip(layers, before, strict=True))
 
 
@@ -157,7 +158,7 @@ def test_scatter_writes_chosen_blocks_only(
 ) -> None:
     _, scatter = impl
     source = make_layers(n_layers, num_blocks, block_shape, dtype, seed=1)
-    packed = torch.cat([expected_packed(source, block_ids), torch.zeros(11, dtype=torch.uint8)])
+    packed = expected_packed(source, block_ids)
     packed_before = packed.clone()
     for poison in POISONS:
         layers = [torch.full_like(layer.view(torch.uint8), poison).view(dtype)
@@ -203,11 +204,13 @@ def test_gather_accepts_id_tensors_and_layer_sublists(impl: tuple[Gather, Scatte
 def test_gather_with_no_block_ids_returns_empty_view(impl: tuple[Gather, Scatter]) -> None:
     gather, scatter = impl
     layers = make_layers(2, 4, (3,), torch.float32)
-    out = torch.full((8,), 7, dtype=torch.uint8)
-    used = gather(layers, [], out)
+    before = snapshot(layers)
+    backing = torch.full((8,), 7, dtype=torch.uint8)
+    used = gather(layers, [], backing[:0])
     assert used.numel() == 0
-    scatter(out, layers, torch.empty(0, dtype=torch.int64))
-    assert bool((out == 7).all())
+    scatter(backing[:0], layers, torch.empty(0, dtype=torch.int64))
+    assert bool((backing == 7).all())
+    assert all(same_bytes(a, b) for a, b in zip(layers, before, strict=True))
 
 
 def test_gather_on_shared_storage_views(impl: tuple[Gather, Scatter]) -> None:
@@ -217,7 +220,7 @@ def test_gather_on_shared_storage_views(impl: tuple[Gather, Scatter]) -> None:
     storage = torch.randint(0, 256, (4 * 9 * 13 + 3,), dtype=torch.uint8)
     layers = [storage[3 + i * 117:3 + (i + 1) * 117].view(9, 13) for i in range(4)]
     ids = [8, 2, 5]
-    out = torch.empty(packed_nbytes(layers, 3) + 1, dtype=torch.uint8)[1:]
+    out = torch.empty(packed_nbytes(layers, 3) + 1, dtype=torch.uint8)[1:]  # odd address
     packed = gather(layers, ids, out)
     assert torch.equal(packed, expected_packed(layers, ids))
     target = [torch.zeros(9, 13, dtype=torch.uint8) for _ in range(4)]
@@ -291,6 +294,19 @@ def bad_calls() -> list[tuple[str, Callable[[], tuple], type[BlockCopyError], di
         layers = good()
         return "scatter", layers, [0, 1, 2], buf(layers, 2)
 
+    def case_large() -> tuple:
+        layers = good()
+        return "gather", layers, [0, 1], buf(layers, 3)
+
+    def case_large_scatter() -> tuple:
+        # The old prefix rule would have read the first 72 bytes and ignored the rest.
+        layers = good()
+        return "scatter", layers, [0, 1], torch.cat([buf(layers, 2), buf(layers, 1)[:1]])
+
+    def case_empty_ids_nonempty_buf() -> tuple:
+        layers = good()
+        return "scatter", layers, [], buf(layers, 1)
+
     def case_buf_dtype() -> tuple:
         layers = good()
         return "gather", layers, [0], torch.empty(packed_nbytes(layers, 1) // 2,
@@ -338,9 +354,14 @@ def bad_calls() -> list[tuple[str, Callable[[], tuple], type[BlockCopyError], di
         ("range_negative", case_range_negative, BlockIdOutOfRangeError,
          {"block_ids": [-1], "num_blocks": 6}),
         ("duplicate", case_duplicate, DuplicateBlockIdError, {"block_ids": [1, 4]}),
-        ("small", case_small, BufferTooSmallError, {"needed_nbytes": 72, "got_nbytes": 71}),
-        ("small_scatter", case_small_scatter, BufferTooSmallError,
+        ("small", case_small, BufferSizeError, {"needed_nbytes": 72, "got_nbytes": 71}),
+        ("small_scatter", case_small_scatter, BufferSizeError,
          {"needed_nbytes": 108, "got_nbytes": 72}),
+        ("large", case_large, BufferSizeError, {"needed_nbytes": 72, "got_nbytes": 108}),
+        ("large_scatter", case_large_scatter, BufferSizeError,
+         {"needed_nbytes": 72, "got_nbytes": 73}),
+        ("empty_ids_nonempty_buf", case_empty_ids_nonempty_buf, BufferSizeError,
+         {"needed_nbytes": 0, "got_nbytes": 36}),
         ("buf_dtype", case_buf_dtype, PackedBufferError,
          {"field": "dtype", "got": torch.float16}),
         ("buf_2d", case_buf_2d, PackedBufferError, {"field": "dim", "got": 2}),
@@ -389,7 +410,7 @@ def test_block_copy_errors_pickle_with_their_data() -> None:
         BlockIdOutOfRangeError([9, -1], 8),
         DuplicateBlockIdError([4]),
         PackedBufferError("dim", 1, 2),
-        BufferTooSmallError(10, 9),
+        BufferSizeError(10, 9),
         errors.ExtensionUnavailableError("no compiler"),
         BlockCopyConfigError("KVHANDOFF_BLOCK_COPY", "gpu", ("auto", "torch", "cpp")),
     ]

@@ -10,8 +10,10 @@ import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine.transports import (
     InvalidBufferError,
+    LoopbackTransport,
     Regions,
     RegionsUnsupportedError,
+    Transport,
     block_regions,
     loopback_group,
 )
@@ -82,8 +84,16 @@ def test_non_contiguous_blocks_are_refused() -> None:
         block_regions([strided], [0])
 
 
+class _BuffersOnly(LoopbackTransport):
+    """A transport that keeps the base class's region form: buffers only."""
+
+    moves_regions = False
+    post_send_regions = Transport.post_send_regions
+    post_recv_regions = Transport.post_recv_regions
+
+
 def test_a_transport_without_regions_says_so() -> None:
-    a, _b = loopback_group(2)
+    a = _BuffersOnly(loopback_group(2)[0]._hub, 0)
     regions = block_regions(_layers(), [0])
     assert a.moves_regions is False
     with pytest.raises(RegionsUnsupportedError, match="gather"):

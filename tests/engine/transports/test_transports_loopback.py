@@ -295,3 +295,183 @@ def test_loopback_moves_bytes_between_host_and_device() -> None:
     a.post_send(_pattern(4096, 9), 1, 1)
     assert recv.test() is HandleState.DONE
     assert torch.equal(dst.cpu(), _pattern(4096, 9))
+
+
+# -- the region form: block to block in one pass ------------------------------------------
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def copy_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The block copy backend loopback's region copies run on: the torch reference, or the
+    compiled extension (required)."""
+    import os
+    import shutil
+
+    from kvhandoff import cuda_ext
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if request.param == "cpp" and (
+            shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available()):
+        pytest.skip("no C++ compiler or ninja: the compiled backend cannot be built here")
+    monkeypatch.setenv(cuda_ext.BACKEND_ENV, request.param)
+    assert cuda_ext.backend("cpu") == request.param
+    return str(request.param)
+
+
+def _pool(num_blocks: int, count: int, seed: int, dtype: torch.dtype = torch.bfloat16,
+          ) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((num_blocks, 4, 3, 5), generator=gen).to(dtype) for _ in range(count)]
+
+
+def _bytes(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [layer.view(torch.uint8).clone() for layer in layers]
+
+
+def test_loopback_says_it_moves_regions() -> None:
+    a, _ = LoopbackTransport.pair()
+    assert a.moves_regions is True
+
+
+@pytest.mark.parametrize("recv_first", [False, True])
+@pytest.mark.parametrize(("src_ids", "dst_ids"), [
+    ([3, 4, 5, 6, 0], [9, 1, 7, 2, 8]),  # a run on the sender, scattered on the receiver
+    ([11, 2, 7], [4, 5, 6]),  # the other way round: the two sides cut the stream elsewhere
+    (list(range(12)), list(range(14))[2:]),  # one region per tensor on both sides
+])
+def test_loopback_region_send_to_region_recv_copies_block_to_block(
+        copy_backend: str, recv_first: bool, src_ids: list[int], dst_ids: list[int]) -> None:
+    from kvhandoff import cuda_ext
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    source = _pool(12, 6, seed=1)
+    target = _pool(14, 6, seed=2)
+    expected = [t.clone() for t in target]
+    cuda_ext.copy_blocks_ref(source, src_ids, expected, dst_ids)
+    before = _bytes(source)
+    send_regions, recv_regions = block_regions(source, src_ids), block_regions(target, dst_ids)
+    if recv_first:
+        recv = b.post_recv_regions(recv_regions, 0, 3)
+        send = a.post_send_regions(send_regions, 1, 3)
+    else:
+        send = a.post_send_regions(send_regions, 1, 3)
+        assert send.test() is HandleState.PENDING
+        recv = b.post_recv_regions(recv_regions, 0, 3)
+    assert send.test() is HandleState.DONE and recv.test() is HandleState.DONE
+    assert send.nbytes == recv.nbytes == send_regions.nbytes
+    for got, want in zip(target, expected, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # others untouched
+    assert all(torch.equal(s.view(torch.uint8), b) for s, b in zip(source, before, strict=True))
+    assert a.poll() == [send] and b.poll() == [recv]
+
+
+def test_loopback_regions_and_buffers_carry_the_same_stream(copy_backend: str) -> None:
+    """A region send fills a buffer receive with the packed bytes gather would make, and a
+    buffer send scatters into region receives exactly as scatter does."""
+    from kvhandoff import cuda_ext
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    source = _pool(10, 4, seed=3, dtype=torch.float16)
+    ids = [7, 0, 1, 2, 9]
+    nbytes = cuda_ext.packed_nbytes(source, len(ids))
+    packed = cuda_ext.gather_ref(source, ids, torch.empty(nbytes, dtype=torch.uint8))
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    b.post_recv(buf, 0, 1)
+    a.post_send_regions(block_regions(source, ids), 1, 1)
+    assert torch.equal(buf, packed)
+
+    target = _pool(10, 4, seed=4, dtype=torch.float16)
+    expected = [t.clone() for t in target]
+    cuda_ext.scatter_ref(packed, expected, [5, 6, 8, 3, 4])
+    recv = b.post_recv_regions(block_regions(target, [5, 6, 8, 3, 4]), 0, 2)
+    send = a.post_send(packed, 1, 2)
+    assert recv.test() is HandleState.DONE and send.test() is HandleState.DONE
+    for got, want in zip(target, expected, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_loopback_regions_of_split_parts_match_one_by_one(copy_backend: str) -> None:
+    """A message moved as several equal parts (``Regions.split``, regions cut mid-block) on
+    one side only still lands byte for byte."""
+    from kvhandoff import cuda_ext
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    source = _pool(8, 3, seed=5)
+    target = _pool(8, 3, seed=6)
+    expected = [t.clone() for t in target]
+    cuda_ext.copy_blocks_ref(source, [1, 2, 5], expected, [0, 6, 7])
+    send_parts = block_regions(source, [1, 2, 5]).split(3)
+    packed_parts = torch.zeros(send_parts[0].nbytes * 3, dtype=torch.uint8).chunk(3)
+    recv_parts = block_regions(target, [0, 6, 7]).split(3)
+    for k in range(3):
+        b.post_recv_regions(recv_parts[k], 0, 10 + k)
+        a.post_send_regions(send_parts[k], 1, 10 + k)
+    for got, want in zip(target, expected, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert all(p.sum() == 0 for p in packed_parts)
+
+
+def test_loopback_region_size_mismatch_fails_both_and_writes_nothing(copy_backend: str) -> None:
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    source, target = _pool(6, 2, seed=7), _pool(6, 2, seed=8)
+    before = _bytes(target)
+    recv = b.post_recv_regions(block_regions(target, [0, 1]), 0, 4)
+    send = a.post_send_regions(block_regions(source, [0, 1, 2]), 1, 4)
+    assert send.state is HandleState.FAILED and recv.state is HandleState.FAILED
+    assert recv.error is not None and "size mismatch" in recv.error
+    assert all(torch.equal(t.view(torch.uint8), b) for t, b in zip(target, before, strict=True))
+
+
+def test_loopback_overlapping_regions_fail_both_and_write_nothing(copy_backend: str) -> None:
+    """Two ranks sharing one pool, the receive naming a block the send reads: refused by the
+    copy's checks before any byte moves."""
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    pool = _pool(6, 2, seed=9)
+    before = _bytes(pool)
+    recv = b.post_recv_regions(block_regions(pool, [3, 4]), 0, 5)
+    send = a.post_send_regions(block_regions(pool, [1, 3]), 1, 5)
+    assert send.state is HandleState.FAILED and recv.state is HandleState.FAILED
+    assert send.error is not None and "overlap" in send.error
+    assert all(torch.equal(t.view(torch.uint8), b) for t, b in zip(pool, before, strict=True))
+
+
+def test_loopback_region_posts_check_their_arguments_first() -> None:
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    layers = _pool(4, 2, seed=10)
+    regions = block_regions(layers, [0])
+    with pytest.raises(InvalidBufferError, match="Regions"):
+        a.post_send_regions(torch.zeros(4), 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidBufferError, match="out of range"):
+        block_regions(layers, [4])
+    with pytest.raises(PeerUnknownError):
+        a.post_send_regions(regions, 0, 1)
+    with pytest.raises(InvalidTagError):
+        b.post_recv_regions(regions, 0, 0)
+    a.close()
+    with pytest.raises(TransportClosedError):
+        a.post_send_regions(regions, 1, 1)
+    assert a.poll() == [] and b.poll() == []
+
+
+def test_loopback_region_ops_cancel_and_close_like_buffer_ops() -> None:
+    from kvhandoff.engine.transports import block_regions
+
+    a, b = LoopbackTransport.pair()
+    target = _pool(4, 2, seed=11)
+    before = _bytes(target)
+    recv = b.post_recv_regions(block_regions(target, [1, 2]), 0, 6)
+    assert recv.cancel() is True
+    assert recv.state is HandleState.FAILED and recv.error == "cancelled"
+    pending = b.post_recv_regions(block_regions(target, [1, 2]), 0, 7)
+    a.close()
+    assert pending.state is HandleState.FAILED and pending.error == "peer 0 closed"
+    assert all(torch.equal(t.view(torch.uint8), b) for t, b in zip(target, before, strict=True))

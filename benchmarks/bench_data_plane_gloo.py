@@ -35,56 +35,10 @@ def _slowest(elapsed: float) -> float:
 
 
 def _rank(rank: int, store: str, size_mib: int, reps: int) -> None:
-    import anyio
-    import numpy as np
-    from kvhandoff.engine import BlockPool, TransferEngine
-    from kvhandoff.engine.transports import TorchDistTransport
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     nbytes = size_mib << 20
-    rows = []
-    for name, (layers, tokens, heads, dim) in LAYOUTS.items():
-        per_block = 2 * layers * tokens * heads * dim * 2
-        count = nbytes // per_block
-        pool = BlockPool(2 * count, layers, tokens, heads, dim, dtype=torch.float16)
-        everything = pool.alloc(pool.num_blocks, owner="bench")
-        ids = [int(b) for b in np.random.default_rng(7).choice(everything, count,
-                                                               replace=False)]
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        transport = TorchDistTransport()
-        serial = iter(range(1 << 30))
-
-        def raw_once() -> float:
-            dist.barrier()
-            start = time.perf_counter()
-            work = dist.isend(raw, 1) if rank == 0 else dist.irecv(raw, 0)
-            work.wait()
-            return _slowest(time.perf_counter() - start)
-
-        async def run() -> tuple[list[float], list[float]]:
-            raw_times, ours = [], []
-            async with TransferEngine(pool, transport) as engine:
-                for rep in range(reps + 1):  # the first of each is a warm-up
-                    t_raw = raw_once()
-                    rid = f"g-{next(serial)}"
-                    dist.barrier()
-                    start = time.perf_counter()
-                    handle = (engine.send(rid, ids, 1) if rank == 0
-                              else engine.receive(rid, ids, 0))
-                    await handle.wait()
-                    t_ours = _slowest(time.perf_counter() - start)
-                    if rep:
-                        raw_times.append(t_raw)
-                        ours.append(t_ours)
-                await engine.drain(10.0)
-            return raw_times, ours
-
-        raw_times, ours = anyio.run(run)
-        transport.close()
-        raw_bw = nbytes / statistics.median(raw_times) / 1e9
-        our_bw = nbytes / statistics.median(ours) / 1e9
-        rows.append((f"{count} x {name} blocks", raw_bw, our_bw))
+    rows = [_layout(rank, name, layout, nbytes, reps) for name, layout in LAYOUTS.items()]
     if rank == 0:
         print(f"Staged pipelined engine over gloo vs raw gloo, {size_mib} MiB per transfer, "
               f"2 ranks, {reps} interleaved reps, medians")
@@ -95,6 +49,52 @@ def _rank(rank: int, store: str, size_mib: int, reps: int) -> None:
         sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _layout(rank: int, name: str, layout: tuple[int, int, int, int], nbytes: int,
+            reps: int) -> tuple[str, float, float]:
+    import anyio
+    import numpy as np
+    from kvhandoff.engine import BlockPool, TransferEngine
+    from kvhandoff.engine.transports import TorchDistTransport
+
+    layers, tokens, heads, dim = layout
+    per_block = 2 * layers * tokens * heads * dim * 2
+    count = nbytes // per_block
+    pool = BlockPool(2 * count, layers, tokens, heads, dim, dtype=torch.float16)
+    everything = pool.alloc(pool.num_blocks, owner="bench")
+    ids = [int(b) for b in np.random.default_rng(7).choice(everything, count, replace=False)]
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    transport = TorchDistTransport()
+
+    def raw_once() -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        work = dist.isend(raw, 1) if rank == 0 else dist.irecv(raw, 0)
+        work.wait()
+        return _slowest(time.perf_counter() - start)
+
+    async def run() -> tuple[list[float], list[float]]:
+        raw_times, ours = [], []
+        async with TransferEngine(pool, transport) as engine:
+            for rep in range(reps + 1):  # the first of each is a warm-up
+                t_raw = raw_once()
+                dist.barrier()
+                start = time.perf_counter()
+                handle = (engine.send(f"g-{rep}", ids, 1) if rank == 0
+                          else engine.receive(f"g-{rep}", ids, 0))
+                await handle.wait()
+                t_ours = _slowest(time.perf_counter() - start)
+                if rep:
+                    raw_times.append(t_raw)
+                    ours.append(t_ours)
+            await engine.drain(10.0)
+        return raw_times, ours
+
+    raw_times, ours = anyio.run(run)
+    transport.close()
+    return (f"{count} x {name} blocks", nbytes / statistics.median(raw_times) / 1e9,
+            nbytes / statistics.median(ours) / 1e9)
 
 
 def main() -> int:

@@ -24,18 +24,30 @@ anyio loop; one ``receive`` on rank 1, one ``send`` on rank 0, timed until both 
 - ``--size-mib`` in blocks of 4 KiB (one block across every layer, K and V, is 4 KiB: 16384
   blocks for 64 MiB) vs one raw message of the same bytes (goal: ratio >= 0.8).
 
+Data plane (``--data-plane``, on by default; block ids scattered over a pool twice the size,
+in random order, the same table on both ranks), for 512 KiB and 4 KiB blocks, side by side:
+- raw 1 contiguous message of the same bytes: the one-copy rate, the limit here;
+- raw mpi4py of the same block table: one ``hindexed`` datatype over absolute addresses,
+  built, committed and freed per transfer, as the engine must;
+- the engine's region path (``region_min_bytes=0``: the blocks move where they are) and its
+  staged pipelined path (gather a piece while the one before is in flight, scatter each
+  piece as it lands); goals are against the faster raw baseline (512 KiB blocks) and the raw
+  same-table transfer (4 KiB blocks), 0.9 each.
+
 The ratio is raw time / ours: 1.0 means no overhead, below 1 means slower.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import anyio
+import attrs
 import numpy as np
 import torch
 from kvhandoff import cuda_ext
@@ -49,6 +61,8 @@ BLOCK = 4096
 _EngineRow = tuple[tuple[str, float, float, float], "float | None"]
 LARGE_BLOCKS = (8, 16, 8, 128)  # 2 * 8 layers * 16 * 8 * 128 * 2 B = 512 KiB per block
 SMALL_BLOCKS = (2, 4, 2, 64)  # 2 * 2 layers * 4 * 2 * 64 * 2 B = 4 KiB per block
+# The data plane's 4 KiB blocks: 8 layers, K and V, 256 B per layer tensor (2 * 1 * 64 * 2 B).
+PLANE_SMALL_BLOCKS = (8, 2, 1, 64)
 
 
 def timed(comm: MPI.Comm, run: Callable[[], None]) -> float:
@@ -64,6 +78,10 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--blocks", type=int, default=1024)
+    parser.add_argument("--progress-spin-s", type=float, default=0.002,
+                        help="MPITransport(progress_spin_s=...) of the data-plane engines")
+    parser.add_argument("--no-legacy", action="store_true",
+                        help="only the data-plane cases (skip the transport and engine rows)")
     parser.add_argument("--idle-sleep-s", type=float, default=EngineConfig().idle_sleep_s,
                         help="the engines' EngineConfig.idle_sleep_s (default: the default)")
     args = parser.parse_args()
@@ -124,11 +142,16 @@ def main() -> int:
         (f"{args.blocks} x 4 KiB vs raw 1 x {small_total >> 10} KiB", small_total,
          raw(small_np), ours(blocks)),
     ]
-    results = [side_by_side(comm, args.reps, *case) for case in cases]
-    engine_results = anyio.run(engine_cases, comm, raw_comm, args.size_mib, args.reps,
-                               EngineConfig(idle_sleep_s=args.idle_sleep_s))
+    config = EngineConfig(idle_sleep_s=args.idle_sleep_s)
+    results, engine_results = [], []
+    if not args.no_legacy:
+        results = [side_by_side(comm, args.reps, *case) for case in cases]
+        engine_results = anyio.run(engine_cases, comm, raw_comm, args.size_mib, args.reps,
+                                   config)
+    plane = anyio.run(data_plane, comm, raw_comm, args.size_mib << 20, args.reps, config,
+                      args.progress_spin_s)
 
-    if rank == 0:
+    if rank == 0 and not args.no_legacy:
         print(f"MPITransport vs raw mpi4py, 2 ranks, {args.reps} interleaved reps, medians")
         print("| case: transport vs baseline | baseline GB/s | transport GB/s | ratio |")
         print("| --- | ---: | ---: | ---: |")
@@ -144,6 +167,9 @@ def main() -> int:
             verdict = "" if goal is None else (
                 f">= {goal}: {'met' if ratio >= goal else 'missed'}")
             print(f"| {name} | {raw_bw:.2f} | {our_bw:.2f} | {ratio:.3f} | {verdict} |")
+        print()
+    if rank == 0:
+        print_data_plane(plane, args.size_mib, args.reps)
     comm.Barrier()
     transport.close()
     raw_comm.Free()
@@ -240,6 +266,117 @@ async def engine_layout(
         assert report.clean, report
     transport.close()
     return results
+
+
+# One data-plane layout's medians, GB/s: raw contiguous, raw same table, engine by path.
+_PlaneRow = tuple[str, float, float, dict[str, float]]
+PATHS = {"region path": 0, "staged pipelined": 1 << 62}  # EngineConfig.region_min_bytes
+
+
+async def data_plane(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, reps: int,
+                     config: EngineConfig, spin_s: float) -> list[_PlaneRow]:
+    rows = []
+    for layout in (LARGE_BLOCKS, PLANE_SMALL_BLOCKS):
+        rows.append(await data_plane_layout(comm, raw_comm, nbytes, reps, config, layout,
+                                            spin_s))
+    return rows
+
+
+async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, reps: int,
+                            config: EngineConfig, layout: tuple[int, int, int, int],
+                            spin_s: float) -> _PlaneRow:
+    """Every case of one layout, interleaved per repetition (one engine per path)."""
+    from kvhandoff.engine.transports._mpi import _mpi_blocks
+    from kvhandoff.engine.transports._regions import block_regions
+
+    rank = comm.Get_rank()
+    num_layers, tokens, heads, head_dim = layout
+    per_block = 2 * num_layers * tokens * heads * head_dim * 2  # float16
+    num_blocks = nbytes // per_block
+    pool = BlockPool(2 * num_blocks, num_layers, tokens, heads, head_dim, dtype=torch.float16)
+    everything = pool.alloc(pool.num_blocks, owner="bench")
+    rng = np.random.default_rng(7)  # the same table on both ranks
+    block_ids = [int(b) for b in rng.choice(everything, num_blocks, replace=False)]
+    for layer in pool.layers:
+        layer.view(torch.uint8).random_(0, 256)
+    raw_buf = np.zeros(nbytes, dtype=np.uint8)
+    serial = iter(range(1 << 30))
+
+    def contiguous() -> None:
+        if rank == 0:
+            raw_comm.Isend([raw_buf, MPI.BYTE], dest=1, tag=1).Wait()
+        else:
+            raw_comm.Irecv([raw_buf, MPI.BYTE], source=0, tag=1).Wait()
+
+    def same_table() -> None:
+        lengths, addresses = _mpi_blocks(block_regions(pool.layers, block_ids))
+        datatype = MPI.BYTE.Create_hindexed(lengths, addresses).Commit()
+        if rank == 0:
+            raw_comm.Isend([MPI.BOTTOM, 1, datatype], dest=1, tag=2).Wait()
+        else:
+            raw_comm.Irecv([MPI.BOTTOM, 1, datatype], source=0, tag=2).Wait()
+        datatype.Free()
+
+    async def ours(engine: TransferEngine) -> float:
+        rid = f"plane-{next(serial)}"
+        comm.Barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            handle = engine.send(rid, block_ids, 1)
+        else:
+            handle = engine.receive(rid, block_ids, 0)
+        result = await handle.wait()
+        elapsed = time.perf_counter() - start
+        assert result.nbytes == nbytes, result
+        return float(comm.allreduce(elapsed, op=MPI.MAX))
+
+    times: dict[str, list[float]] = {"contiguous": [], "same table": []}
+    times.update({name: [] for name in PATHS})
+    transports = {name: MPITransport(comm, progress_spin_s=spin_s) for name in PATHS}
+    async with contextlib.AsyncExitStack() as stack:
+        engines = {}
+        for name, min_bytes in PATHS.items():
+            engines[name] = await stack.enter_async_context(TransferEngine(
+                pool, transports[name],
+                config=attrs.evolve(config, region_min_bytes=min_bytes)))
+        contiguous(), same_table()  # warm-up: connection setup and page faults
+        for engine in engines.values():
+            await ours(engine)
+        for _ in range(reps):
+            times["contiguous"].append(timed(comm, contiguous))
+            times["same table"].append(timed(comm, same_table))
+            for name, engine in engines.items():
+                times[name].append(await ours(engine))
+        for engine in engines.values():
+            report = await engine.drain(10.0)
+            assert report.clean, report
+    for transport in transports.values():
+        transport.close()
+    rate = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
+    regions = len(block_regions(pool.layers, block_ids))
+    case = (f"{num_blocks} x {per_block >> 10} KiB blocks "
+            f"({per_block // (2 * num_layers)} B per layer tensor, {regions} regions)")
+    return case, rate["contiguous"], rate["same table"], {n: rate[n] for n in PATHS}
+
+
+def print_data_plane(rows: list[_PlaneRow], size_mib: int, reps: int) -> None:
+    print(f"Data plane: {size_mib} MiB per transfer, block ids scattered, 2 ranks, {reps} "
+          f"interleaved reps, medians, GB/s (cuda_ext backend: {cuda_ext.backend()})")
+    print("| blocks | raw 1 contiguous msg | raw same table (hindexed) | engine path | "
+          "engine GB/s | vs contiguous | vs same table | goal |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    for index, (case, contiguous, same, engine) in enumerate(rows):
+        large = index == 0
+        goal_base = max(contiguous, same) if large else same
+        best = max(engine, key=engine.__getitem__)
+        for name, bw in engine.items():
+            verdict = ""
+            if name == best:
+                ratio = bw / goal_base
+                verdict = (f">= 0.9 of {'the faster raw' if large else 'raw same table'}: "
+                           f"{ratio:.2f}, {'met' if ratio >= 0.9 else 'missed'}")
+            print(f"| {case} | {contiguous:.2f} | {same:.2f} | {name} | {bw:.2f} | "
+                  f"{bw / contiguous:.2f} | {bw / same:.2f} | {verdict} |")
 
 
 if __name__ == "__main__":

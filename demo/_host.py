@@ -46,6 +46,9 @@ class RankSummary:
     pool_problems: tuple[str, ...]
     drain_left: int
     faults_injected: dict[str, int]
+    #: Seconds this rank's host spent writing KV (prefill) or verifying it (decode): work
+    #: that blocks its event loop and is kept out of the timed transfers.
+    host_seconds: float = 0.0
 
 
 class RankHost:
@@ -72,6 +75,7 @@ class RankHost:
         self.outcomes: dict[int, str] = {}
         self.latencies: list[float] = []
         self.bytes_verified = 0
+        self.host_seconds = 0.0
         self.mismatched_blocks = 0
         self.early_freed: set[int] = set()
         self._scratch: dict[str, torch.Tensor] = {}
@@ -167,17 +171,23 @@ class RankHost:
         rid = request.request_id
         layers = self.pool.layers
         if not request.layerwise:
+            begin = time.perf_counter()
             data = self.kv_bytes(request, scratch="kv")
             cuda_ext.scatter(data, layers, ids)
+            self.host_seconds += time.perf_counter() - begin
             handle = self.engine.send(rid, ids, self.peer)
             self.pool.free(ids, owner=rid)  # deferred until the transfer is quiescent
         else:  # the layers are written across awaits: this request's own buffer
+            begin = time.perf_counter()
             data = self.kv_bytes(request)
+            self.host_seconds += time.perf_counter() - begin
             handle = self.engine.send(rid, ids, self.peer, layerwise=True)
             per_layer = 2 * len(ids) * self.plan.tensor_block_nbytes
             for layer in range(self.plan.layers):  # prefill produces one layer at a time
+                begin = time.perf_counter()
                 cuda_ext.scatter(data[layer * per_layer:(layer + 1) * per_layer],
                                  layers[2 * layer:2 * layer + 2], ids)
+                self.host_seconds += time.perf_counter() - begin
                 handle.layer_ready(layer)
                 await anyio.lowlevel.checkpoint()
             self.pool.free(ids, owner=rid)
@@ -193,6 +203,7 @@ class RankHost:
             handle = self.engine.receive(rid, ids, self.peer, layerwise=request.layerwise)
             result = await handle.wait()
             seconds = time.perf_counter() - start
+            # Verification, outside the timed transfer (it blocks this rank's loop).
             got = self.scratch("got", result.nbytes)
             cuda_ext.gather(self.pool.layers, ids, got)
             want = self.kv_bytes(request, scratch="kv")
@@ -200,6 +211,7 @@ class RankHost:
             if not self.torch.equal(got, want):  # count the blocks only when some differ
                 shape = (2 * self.plan.layers, len(ids), -1)
                 bad = int((got.view(shape) != want.view(shape)).any(dim=2).any(dim=0).sum())
+            self.host_seconds += time.perf_counter() - start - seconds
         finally:
             self.pool.free(ids, owner=rid)
         if bad:
@@ -237,4 +249,5 @@ class RankHost:
             drain_left=drain_left,
             faults_injected={fault.value: n for fault, n in injected.items()
                              if n and fault.value != "none"},
+            host_seconds=self.host_seconds,
         )

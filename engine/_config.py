@@ -28,6 +28,12 @@ def _non_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: Any
         raise EngineConfigError(attribute.name, value, "a non-negative int")
 
 
+def _optional_non_negative_int(instance: Any, attribute: attrs.Attribute[Any],
+                               value: Any) -> None:
+    if value is not None:
+        _non_negative_int(instance, attribute, value)
+
+
 @attrs.frozen
 class EngineConfig:
     """Timeouts and budgets of a ``TransferEngine``; validated where it is made.
@@ -39,6 +45,13 @@ class EngineConfig:
     lost. ``quarantine_budget``, ``progress_deadline_s`` and ``restart_grace_s`` are the
     health policy. ``drain_timeout_s`` bounds the drain when the engine's context exits.
     ``idle_sleep_s`` is the pause of a tick that found nothing to do.
+    ``region_min_bytes``: a transport that moves regions natively (``moves_regions``) moves
+    a transfer's blocks where they are when its regions (one per run of consecutive block
+    ids per layer tensor) average at least this many bytes, and through the pipelined
+    staging buffer otherwise. ``None`` (default): the transport's own measured hint
+    (``Transport.region_min_bytes``; MPITransport's keeps the staged path, see
+    docs/benchmarks.md); 0: always the region path where the transport offers it. Each side
+    chooses alone; both carry the same bytes.
     """
 
     queue_timeout_s: float | None = attrs.field(default=30.0, validator=_optional_positive)
@@ -54,6 +67,8 @@ class EngineConfig:
     max_early_advertises: int = attrs.field(default=65536, validator=_non_negative_int)
     agreement_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     recent_sessions: int = attrs.field(default=4096, validator=_non_negative_int)
+    region_min_bytes: int | None = attrs.field(default=None,
+                                               validator=_optional_non_negative_int)
 
     @property
     def heartbeat_every_s(self) -> float:

@@ -1,9 +1,23 @@
 """``DataPath``: posting data operations, their completions, and how failed ones wind down.
 
-A transfer moves as one operation, or one per layer (layer-wise): the sender gathers the
-blocks into a staging buffer and posts sends, the receiver posts receives into a staging
-buffer and scatters it into its blocks once every receive is final. Each posted operation's
-handle carries its transfer (``op.token``), so a completion finds its transfer in O(1).
+A transfer moves as one chunk, or one per layer (layer-wise), and each chunk as ``pieces``
+operations of about ``PIECE_BYTES`` on the chunk's tag, in order (``Transfer``). Two paths
+carry the same bytes, so each side chooses its own:
+
+- *Regions* (zero-copy), when the transport moves regions natively and the transfer's
+  regions are large enough (``EngineConfig.region_min_bytes``): each operation is the
+  ``block_regions`` of its blocks, the sender's blocks are read and the receiver's written
+  by the transport itself, with no staging buffer in between.
+- *Staged, pipelined*, otherwise: the sender gathers each piece into the staging buffer and
+  posts it at once, so piece k+1 is gathered while piece k is in flight; the receiver
+  scatters each piece into its blocks as soon as it lands, while later pieces still move.
+
+The piece count is a function of the chunk's bytes and block count only, which the
+advertise validates (block count, total bytes, layout, chunks), so both sides derive the same
+operations without carrying them. Each posted operation's handle carries its transfer
+(``op.token``), so a completion finds its transfer in O(1). With no staging buffer the
+transport touches the pool's own memory: the blocks stay pinned until every operation is
+final, exactly as the staging buffer does (a quarantined transfer keeps both).
 
 Failure. The error surfaces to the host at once while the blocks stay pinned; the data
 operations are then settled in one of two ways (``WindDown``). *Abort* when the peer's side
@@ -24,6 +38,8 @@ import heapq
 import itertools
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine import _wire as wire
 from kvhandoff.engine._agreement import OK
@@ -31,12 +47,18 @@ from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
 from kvhandoff.engine.transports import HandleKind, HandleState, TransportHandle
+from kvhandoff.engine.transports._regions import block_regions
 from kvhandoff.sessions import OPEN_STATES, Event, FailureReason, Role
 
 if TYPE_CHECKING:
     from kvhandoff.engine._engine import TransferEngine
 
-__all__ = ["DataPath"]
+__all__ = ["PIECE_BYTES", "DataPath"]
+
+#: The size of one operation of a large chunk: big enough that per-operation costs vanish,
+#: small enough that the gather of one piece overlaps the move of the one before. Part of
+#: the wire contract (both sides derive the same pieces from it): change it on every rank.
+PIECE_BYTES = 4 << 20
 
 
 class DataPath:
@@ -50,6 +72,12 @@ class DataPath:
         self._layers = pool.layers
         self._layer_pairs = [pool.layers[2 * i:2 * i + 2] for i in range(pool.num_layers)]
         self._num_layers = pool.num_layers
+        # The region path: offered by the transport, for regions of at least this average.
+        self._moves_regions = self._transport.moves_regions
+        min_bytes = engine.config.region_min_bytes
+        self._region_min_bytes = (self._transport.region_min_bytes if min_bytes is None
+                                  else min_bytes)
+        self._tensor_block_nbytes = pool.block_nbytes // len(pool.layers)
         self.staging = StagingPool(device=pool.device)
         self._tags_in_use: set[int] = set()
         self._next_tag = 1
@@ -84,19 +112,41 @@ class DataPath:
 
     # --- starting --------------------------------------------------------------------------
 
+    def _plan(self, transfer: Transfer) -> None:
+        """Choose the operations of a transfer (its pieces) and this side's path."""
+        ids = transfer.block_ids
+        blocks = len(ids)
+        pieces = max(1, min(blocks, transfer.chunk_nbytes // PIECE_BYTES))
+        transfer.pieces = pieces
+        transfer.piece_bounds = tuple(p * blocks // pieces for p in range(pieces + 1))
+        transfer.expected = transfer.num_ops
+        transfer.ops = [None] * transfer.num_ops
+        transfer.regions = self._moves_regions and self._large_regions(ids)
+        if not transfer.regions:
+            transfer.staging = self.staging.acquire(transfer.total_nbytes)
+
+    def _large_regions(self, ids: tuple[int, ...]) -> bool:
+        """Whether the regions of ``ids`` (a run of consecutive ids is one region per
+        tensor) average at least ``region_min_bytes``."""
+        if not self._region_min_bytes:
+            return True
+        if len(ids) == 1:
+            runs = 1
+        else:
+            runs = 1 + int(np.count_nonzero(np.diff(np.asarray(ids)) != 1))
+        return self._tensor_block_nbytes * len(ids) >= self._region_min_bytes * runs
+
     def start_receive(self, transfer: Transfer, now: float) -> bool:
         """Post every receive of a transfer (its tags are reserved); False when posting
         failed (the transfer is failed then, and nothing may be advertised)."""
-        transfer.staging = self.staging.acquire(transfer.total_nbytes)
-        transfer.ops = [None] * transfer.num_chunks
-        return all(self._post(transfer, HandleKind.RECV, chunk, now)
-                   for chunk in range(transfer.num_chunks))
+        self._plan(transfer)
+        return all(self._post(transfer, HandleKind.RECV, index, now)
+                   for index in range(transfer.num_ops))
 
     def start_send(self, transfer: Transfer, data_tag: int, now: float) -> None:
         """The receiver advertised: post the whole send, or each layer already produced."""
         transfer.data_tag = data_tag
-        transfer.staging = self.staging.acquire(transfer.total_nbytes)
-        transfer.ops = [None] * transfer.num_chunks
+        self._plan(transfer)
         self._engine._apply(transfer, Event.ADVERTISE, now)
         if not transfer.layerwise:
             self._post_chunk(transfer, 0, now)
@@ -126,34 +176,52 @@ class DataPath:
 
     def _post_chunk(self, transfer: Transfer, chunk: int, now: float, *,
                     force: bool = False) -> None:
-        """Gather and post one chunk. After a failure only a completing wind-down posts
-        (``force``); an aborting one posts nothing more."""
-        if transfer.wind_down is WindDown.ABORT or transfer.posted >= transfer.expected or (
-                transfer.outcome_known and not force):
-            return
-        layers = self._layer_pairs[chunk] if transfer.layerwise else self._layers
-        try:
-            cuda_ext.gather(layers, transfer.block_ids, transfer.chunk_view(chunk))
-        except Exception as exc:  # a bad block table must fail this transfer, not the loop
-            self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
-            return
-        self._post(transfer, HandleKind.SEND, chunk, now)
+        """Post the operations of one chunk not posted yet, in order, each gathered just
+        before it is posted (staged) so the next gather overlaps its move. After a failure
+        only a completing wind-down posts (``force``); an aborting one posts nothing more."""
+        first = chunk * transfer.pieces
+        for index in range(first, first + transfer.pieces):
+            if transfer.wind_down is WindDown.ABORT or transfer.posted >= transfer.expected \
+                    or (transfer.outcome_known and not force):
+                return
+            if transfer.ops[index] is not None:
+                continue
+            if not transfer.regions:
+                try:
+                    cuda_ext.gather(self._chunk_layers(transfer, chunk),
+                                    transfer.piece_ids(index), transfer.op_view(index))
+                except Exception as exc:  # a bad block table must fail this transfer only
+                    self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
+                    return
+            if not self._post(transfer, HandleKind.SEND, index, now):
+                return
 
-    def _post(self, transfer: Transfer, kind: HandleKind, chunk: int, now: float) -> bool:
+    def _chunk_layers(self, transfer: Transfer, chunk: int) -> list[torch.Tensor]:
+        return self._layer_pairs[chunk] if transfer.layerwise else self._layers
+
+    def _post(self, transfer: Transfer, kind: HandleKind, index: int, now: float) -> bool:
         """Post one data operation; the first takes the session ``IN_FLIGHT`` (through
         ``ADVERTISED`` for a receiver, which advertises right after posting)."""
-        view = transfer.chunk_view(chunk)
+        chunk = index // transfer.pieces
         tag = transfer.data_tag + chunk
+        transport = self._transport
         try:
-            if kind is HandleKind.SEND:
-                op = self._transport.post_send(view, transfer.peer, tag)
+            if transfer.regions:
+                regions = block_regions(self._chunk_layers(transfer, chunk),
+                                        transfer.piece_ids(index))
+                if kind is HandleKind.SEND:
+                    op = transport.post_send_regions(regions, transfer.peer, tag)
+                else:
+                    op = transport.post_recv_regions(regions, transfer.peer, tag)
+            elif kind is HandleKind.SEND:
+                op = transport.post_send(transfer.op_view(index), transfer.peer, tag)
             else:
-                op = self._transport.post_recv(view, transfer.peer, tag)
+                op = transport.post_recv(transfer.op_view(index), transfer.peer, tag)
         except Exception as exc:
             self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
             return False
         op.token = transfer
-        transfer.ops[chunk] = op
+        transfer.ops[index] = op
         transfer.posted += 1
         transfer.ops_pending += 1
         if transfer.posted == 1:  # only the first operation moves the session
@@ -190,6 +258,8 @@ class DataPath:
                 self.bytes_sent += op.nbytes
             else:
                 self.bytes_received += op.nbytes
+                if not transfer.regions:
+                    self._landed(transfer, op)
         elif transfer.op_error is None:
             transfer.op_error = op.error or "transport error"
             if not transfer.outcome_known and not transfer.quiescent_ops:
@@ -215,15 +285,38 @@ class DataPath:
                           reason=FailureReason.TRANSPORT_ERROR, detail=transfer.op_error[:256])
             return
         if transfer.role is Role.RECEIVER:
-            assert transfer.staging is not None  # taken at start_receive, kept until release
+            # The one place the received data is known to be in the blocks: the transport
+            # wrote them (regions), or each staged piece was scattered as it landed; any
+            # piece not scattered yet is scattered now.
             try:
-                cuda_ext.scatter(transfer.staging, self._layers, transfer.block_ids)
+                for index in sorted(transfer.unscattered.values()):
+                    self._scatter(transfer, index)
+                transfer.unscattered.clear()
             except Exception as exc:
                 engine._apply(transfer, Event.HANDLE_FAILED, now,
                               reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
                 return
         engine._apply(transfer, Event.HANDLE_DONE, now)
         engine._agreement.report(transfer.request_id, OK)
+
+    def _landed(self, transfer: Transfer, op: TransportHandle) -> None:
+        """A staged receive landed: scatter its piece now, while later pieces still move,
+        unless the transfer already failed (its bytes are discarded then). A scatter error
+        leaves the piece for ``_local_final``, which reports it."""
+        index = transfer.ops.index(op) if transfer.num_ops > 1 else 0
+        session = transfer.session
+        if session.failure is not None or session.cancel_requested or \
+                transfer.op_error is not None:
+            return
+        try:
+            self._scatter(transfer, index)
+        except Exception:
+            transfer.unscattered[id(op)] = index
+
+    def _scatter(self, transfer: Transfer, index: int) -> None:
+        cuda_ext.scatter(transfer.op_view(index),
+                         self._chunk_layers(transfer, index // transfer.pieces),
+                         transfer.piece_ids(index))
 
     # --- wind-down -------------------------------------------------------------------------
 
@@ -242,8 +335,9 @@ class DataPath:
         elif transfer.wind_down is WindDown.NONE:
             transfer.wind_down = WindDown.COMPLETE
             if transfer.role is Role.SENDER and transfer.posted:
-                for chunk, op in enumerate(transfer.ops):
-                    if op is None:
+                ops, pieces = transfer.ops, transfer.pieces
+                for chunk in range(transfer.num_chunks):
+                    if None in ops[chunk * pieces:(chunk + 1) * pieces]:
                         self._post_chunk(transfer, chunk, now, force=True)
             else:
                 transfer.expected = transfer.posted

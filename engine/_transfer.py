@@ -5,6 +5,11 @@ of the state machine: the state, the request id, role, peer and block ids, the f
 finality, cancel requests. A ``Transfer`` holds only what the state machine does not know:
 the data operations posted for it, its staging buffer and tags, and how a failed transfer
 winds its operations down (``WindDown``). Anything a session says is asked of the session.
+
+Operations. A transfer has ``num_chunks`` chunks (one, or one per layer), chunk ``c`` on data
+tag ``data_tag + c``; each chunk moves as ``pieces`` operations on its tag, in order, piece
+``p`` carrying the blocks ``block_ids[piece_bounds[p]:piece_bounds[p + 1]]`` of the chunk's
+tensors (packed, as ``cuda_ext.gather`` of them). ``ops[c * pieces + p]`` is that operation.
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ class Transfer:
     wind_down: WindDown = WindDown.NONE
     #: Whether the peer already knows the outcome (it told us, or we told it).
     peer_told: bool = False
+    #: Operations per chunk and where each one's blocks start (see the module docstring);
+    #: set by the data path when the transfer starts.
+    pieces: int = 1
+    piece_bounds: tuple[int, ...] = ()
+    #: This side moves the blocks where they are (the transport's region form), not through
+    #: ``staging``.
+    regions: bool = False
+    #: Staged receive operations that landed and were not scattered yet, by ``id(op)``.
+    unscattered: dict[int, int] = attrs.field(factory=dict)
 
     #: Bytes the transfer moves (every chunk).
     total_nbytes: int = attrs.field(init=False)
@@ -101,11 +115,25 @@ class Transfer:
         """No operation is pending and none will be posted any more."""
         return self.ops_pending == 0 and self.posted >= self.expected
 
-    def chunk_view(self, chunk: int) -> torch.Tensor:
-        """The bytes of one chunk in the staging buffer."""
+    @property
+    def num_ops(self) -> int:
+        """Operations the transfer moves in all."""
+        return self.num_chunks * self.pieces
+
+    def piece_ids(self, index: int) -> tuple[int, ...]:
+        """The block ids operation ``index`` carries."""
+        piece = index % self.pieces
+        if self.pieces == 1:
+            return self.block_ids
+        return self.block_ids[self.piece_bounds[piece]:self.piece_bounds[piece + 1]]
+
+    def op_view(self, index: int) -> torch.Tensor:
+        """The bytes of operation ``index`` in the staging buffer."""
         staging = self.staging
-        assert staging is not None, "a chunk view needs the staging buffer taken at handshake"
-        if self.num_chunks == 1:
+        assert staging is not None, "a staged operation needs the staging buffer"
+        if self.num_chunks == 1 and self.pieces == 1:
             return staging  # exactly the transfer's bytes: no slice to make per operation
-        size = self.chunk_nbytes
-        return staging[chunk * size:(chunk + 1) * size]
+        chunk, piece = divmod(index, self.pieces)
+        per_block = self.chunk_nbytes // len(self.block_ids)
+        start = chunk * self.chunk_nbytes + self.piece_bounds[piece] * per_block
+        return staging[start:chunk * self.chunk_nbytes + self.piece_bounds[piece + 1] * per_block]

@@ -18,5 +18,9 @@ class CountingTransport(FaultyTransport):
         self.sends.append(int(buf.numel() * buf.element_size()))
         return super().post_send(buf, peer, tag)
 
+    def post_send_regions(self, regions: Any, peer: int, tag: int) -> TransportHandle:
+        self.sends.append(int(regions.nbytes))  # a region send (zero-copy) counts the same
+        return super().post_send_regions(regions, peer, tag)
+
     def send_sizes(self) -> list[int]:
         return sorted(self.sends)

@@ -189,6 +189,9 @@ class Transport(abc.ABC):
     #: True when a receive makes its memory writable by the peer with no further operation
     #: of its own (NIXL): its handle is final only when the peer says it is done with it.
     one_sided: bool = False
+    #: A hint for the engine (``EngineConfig.region_min_bytes`` overrides it): regions that
+    #: average fewer bytes than this move faster through a staging buffer on this transport.
+    region_min_bytes: int = 0
 
     def __init__(self) -> None:
         self._ready: collections.deque[TransportHandle] = collections.deque()

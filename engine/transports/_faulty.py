@@ -19,6 +19,9 @@ means the buffer is free of transport access, exactly like a real transport. Fau
   to and from it), control messages to and from that peer are dropped and every operation
   with it behaves as ``STUCK``.
 
+Regions: the wrapper moves regions exactly when ``inner`` does (``moves_regions``), and
+faults a region operation like any other, so the engine's zero-copy path meets every fault.
+
 Determinism: one ``random.Random(seed)`` draws two numbers per posted operation, in post
 order, whatever faults are configured; the same seed and the same sequence of calls give the
 same faults. ``faults={post_index: Fault}`` forces the fault of chosen operations.
@@ -38,6 +41,7 @@ from kvhandoff.engine.transports._base import (
     Transport,
     TransportHandle,
 )
+from kvhandoff.engine.transports._regions import Regions
 
 __all__ = ["Fault", "FaultyTransport"]
 
@@ -116,6 +120,8 @@ class FaultyTransport(Transport):
         self.world_size = inner.world_size
         self.max_tag = inner.max_tag
         self.cancellable_kinds = inner.cancellable_kinds
+        self.moves_regions = inner.moves_regions
+        self.region_min_bytes = inner.region_min_bytes
         self.seed = seed
         self._rng = random.Random(seed)
         self._error_rate = error_rate
@@ -141,6 +147,12 @@ class FaultyTransport(Transport):
 
     def post_recv(self, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
         return self._wrap(self.inner.post_recv(buf, peer, tag))
+
+    def post_send_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        return self._wrap(self.inner.post_send_regions(regions, peer, tag))
+
+    def post_recv_regions(self, regions: Regions, peer: int, tag: int) -> TransportHandle:
+        return self._wrap(self.inner.post_recv_regions(regions, peer, tag))
 
     def _wrap(self, inner: TransportHandle) -> _FaultyHandle:
         index = self._posts

@@ -35,3 +35,24 @@ def test_transport_mpi_missing_mpi4py_is_typed(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(TransportUnavailableError) as info:
         MPITransport()
     assert info.value.backend == "mpi" and "pip install kvhandoff[mpi]" in str(info.value)
+
+
+def test_transport_mpi_regions_move_block_to_block(run_mpi: RunMPI) -> None:
+    result = run_mpi(2, "transport_mpi_regions.py", timeout=120)
+    for rank in range(2):
+        assert f"rank {rank} regions OK" in result.stdout, result.stdout
+
+
+def test_transport_mpi_region_longer_than_an_int_is_described_as_several() -> None:
+    import numpy as np
+    import torch
+    from kvhandoff.engine.transports._mpi import _MAX_REGION_BYTES, _mpi_blocks
+    from kvhandoff.engine.transports._regions import Regions
+
+    top = _MAX_REGION_BYTES
+    lengths = np.array([10, 2 * top + 5, top], dtype=np.uint64)
+    addresses = np.array([1000, 1 << 40, 1 << 41], dtype=np.uint64)
+    regions = Regions(addresses, lengths, torch.device("cpu"), (), int(lengths.sum()))
+    out_lengths, out_addresses = _mpi_blocks(regions)
+    assert out_lengths == [10, top, top, 5, top]
+    assert out_addresses == [1000, 1 << 40, (1 << 40) + top, (1 << 40) + 2 * top, 1 << 41]

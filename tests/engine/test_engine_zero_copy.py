@@ -1,0 +1,240 @@
+"""The data plane: pieces of a large chunk (the pipelined staged path), the region path
+(zero-copy) and its pairing with the staged path, and safety with no staging buffer in
+between, under faults, on poison pools. The region path runs over real MPI (2 ranks)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import torch
+from engine_support import (
+    HeldTransport,
+    ManualClock,
+    engine_pair,
+    fast_config,
+    running,
+    until,
+)
+from kvhandoff.engine import (
+    BlockPool,
+    EngineConfig,
+    EngineConfigError,
+    TransferCancelled,
+    TransferEngine,
+    TransferFailed,
+)
+from kvhandoff.engine._datapath import PIECE_BYTES
+from kvhandoff.engine.transports import Fault, FaultyTransport, loopback_group
+from kvhandoff.sessions import CancelResult, State
+
+RunMPI = Callable[..., subprocess.CompletedProcess[str]]
+
+# 2 layers of 16 tokens x 8 heads x 128 fp16: 32 KiB per layer tensor, 128 KiB per block.
+LAYOUT = (2, 16, 8, 128)
+BLOCK_NBYTES = 2 * 2 * 16 * 8 * 128 * 2
+
+
+def big_pool(num_blocks: int) -> BlockPool:
+    return BlockPool(num_blocks, *LAYOUT, dtype=torch.float16, debug=True)
+
+
+def fill(pool: BlockPool, ids: list[int], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    for layer in pool.layers:
+        layer[ids] = torch.randn(layer[ids].shape, generator=gen).half()
+    return [layer[ids].clone() for layer in pool.layers]
+
+
+STAGED = 1 << 62  # EngineConfig.region_min_bytes that keeps the staged path
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("sender_path", [0, STAGED], ids=["region-sender", "staged-sender"])
+async def test_staged_pieces_move_on_the_chunks_tag_and_scatter_as_they_land(
+        sender_path: int) -> None:
+    """A 10 MiB transfer moves as two pieces on one tag; the (staged) receiver scatters the
+    first into its blocks while the second is still held in flight, whichever path the
+    sender takes."""
+    blocks = 2 * PIECE_BYTES // BLOCK_NBYTES + 16  # a little over two pieces' worth
+    t0, t1 = loopback_group(2)
+    held = HeldTransport(t1, held=[1])  # the receiver's second piece does not land yet
+    assert not held.moves_regions  # so the receiver is staged
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, t0, config=fast_config(region_min_bytes=sender_path))
+    e1 = TransferEngine(p1, held, config=fast_config())
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="r"), p1.alloc(blocks, owner="r")
+        dst = dst[::-1]  # another order on the receiver: pieces map ids by position
+        expected = fill(p0, src, seed=1)
+        hr = e1.receive("r", dst, 0)
+        hs = e0.send("r", src, 1)
+        half = blocks // 2
+        assert [(kind, nbytes) for kind, _, nbytes in held.posts] == \
+            [("recv", half * BLOCK_NBYTES), ("recv", (blocks - half) * BLOCK_NBYTES)]
+        assert len({tag for _, tag, _ in held.posts}) == 1  # both pieces on the chunk's tag
+        await hs.wait()
+
+        def landed(part: slice) -> bool:
+            return all(torch.equal(layer[dst[part]], want[part])
+                       for layer, want in zip(p1.layers, expected, strict=True))
+
+        await until(lambda: landed(slice(0, half)))  # scattered before the transfer ends
+        assert not hr.done and not landed(slice(half, blocks))
+        held.release(1)
+        await hr.wait()
+        assert landed(slice(0, blocks))
+        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
+        p0.free(src, owner="r")
+        p1.free(dst, owner="r")
+        # One staging buffer per staged side, not one per piece; none on a region side.
+        assert e1.stats().staging_allocations == 1
+        assert e0.stats().staging_allocations == (0 if sender_path == 0 else 1)
+
+
+@pytest.mark.anyio
+async def test_layerwise_large_layers_move_in_pieces_each() -> None:
+    """Layer-wise: each layer's chunk of 8+ MiB moves as pieces on that layer's tag."""
+    blocks = 2 * PIECE_BYTES // (BLOCK_NBYTES // 2)  # one layer's chunk: two pieces
+    t0, t1 = loopback_group(2)
+    sender = HeldTransport(t0)
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, sender, config=fast_config())
+    e1 = TransferEngine(p1, t1, config=fast_config())
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="r"), p1.alloc(blocks, owner="r")
+        expected = fill(p0, src, seed=2)
+        hr = e1.receive("r", dst, 0, layerwise=True)
+        hs = e0.send("r", src, 1, layerwise=True)
+        hs.layer_ready(1)  # out of order: each layer moves when it is ready
+        hs.layer_ready(0)
+        await hs.wait()
+        await hr.wait()
+        tags = [tag for _, tag, _ in sender.posts]
+        assert len(tags) == 4 and tags[0] == tags[1] and tags[2] == tags[3] != tags[0]
+        assert all(torch.equal(layer[dst], want)
+                   for layer, want in zip(p1.layers, expected, strict=True))
+        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
+        p0.free(src, owner="r")
+        p1.free(dst, owner="r")
+
+
+# --- safety on the region path (loopback moves regions block to block), poison pools ------
+
+def _grab_excludes(pool: BlockPool, ids: list[int]) -> None:
+    """Every block that can be allocated now excludes ``ids`` (still in the transport's
+    reach); what was grabbed goes back."""
+    grabbed = pool.alloc(pool.num_free, owner="grab")
+    assert set(ids).isdisjoint(grabbed), "a block the transport may touch was handed out"
+    pool.free(grabbed, owner="grab")
+
+
+@pytest.mark.anyio
+async def test_region_receive_freed_mid_transfer_is_written_only_while_pinned() -> None:
+    """The receiver's host frees its blocks while the region receive waits for a late
+    sender: the free is deferred, no allocation hands them out, the late bytes land in the
+    still-pinned blocks, and only then do they come back, poisoned."""
+    async with engine_pair(num_blocks=16) as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
+        assert pair.t1.moves_regions
+        src, dst = p0.alloc(4, owner="late"), p1.alloc(4, owner="late")
+        hr = e1.receive("late", dst, 0)
+        await until(lambda: e1.session("late").state is State.IN_FLIGHT)
+        p1.free(dst, owner="late")  # mid-transfer: deferred, the transport may write them
+        assert p1.deferred_blocks() == frozenset(dst)
+        _grab_excludes(p1, dst)
+        hs = e0.send("late", src, 1)  # the bytes now land in the pinned blocks
+        await hs.wait()
+        await hr.wait()
+        assert e1.stats().staging_allocations == 0  # moved block to block
+        await until(lambda: p1.num_deferred == 0)
+        p1.assert_poisoned(dst)  # released after the write, poisoned again
+        await until(lambda: not p0.pinned_by("late"))
+        p0.free(src, owner="late")
+
+
+@pytest.mark.anyio
+async def test_region_error_mid_pieces_keeps_blocks_until_every_piece_is_final() -> None:
+    """An injected error on the receiver's first piece of three while the second is stuck:
+    the transfer fails at once, the blocks stay pinned (and out of every allocation) while
+    the stuck piece may still write them, and return poisoned only when the transfer
+    deadline has aborted it and it is final."""
+    clock = ManualClock()
+    blocks = 3 * PIECE_BYTES // BLOCK_NBYTES
+    t0, t1 = loopback_group(2)
+    f1 = FaultyTransport(t1, seed=0, faults={0: Fault.ERROR, 1: Fault.STUCK})
+    p0, p1 = big_pool(blocks + 8), big_pool(blocks + 8)
+    cfg = fast_config(region_min_bytes=0, transfer_timeout_s=5.0, progress_deadline_s=100.0)
+    e0 = TransferEngine(p0, t0, config=cfg, clock=clock)
+    e1 = TransferEngine(p1, f1, config=cfg, clock=clock)
+    async with running(e0, e1, clock=clock):
+        src, dst = p0.alloc(blocks, owner="e"), p1.alloc(blocks, owner="e")
+        fill(p0, src, seed=3)
+        hr = e1.receive("e", dst, 0)
+        e0.send("e", src, 1)
+        with pytest.raises(TransferFailed) as info:
+            await hr.wait()
+        assert info.value.reason == "transport_error"
+        p1.free(dst, owner="e")
+        assert p1.deferred_blocks() == frozenset(dst)  # the stuck piece may still write
+        _grab_excludes(p1, dst)
+        await clock.advance(6.0, steps=12)  # the transfer deadline aborts the stuck piece
+        await until(lambda: p1.num_deferred == 0 and not p0.pinned_by("e"))
+        p1.assert_poisoned(dst)
+        p0.free(src, owner="e")
+
+
+@pytest.mark.anyio
+async def test_region_ops_with_a_lost_peer_stay_pinned_until_cancelled() -> None:
+    """Peer loss on the region path: both sides' operations hang, the host cancels and
+    frees on the receiver (deferred), the lease lapses, the aborted operations become final
+    and only then are the blocks released, poisoned."""
+    clock = ManualClock()
+    cfg = fast_config(queue_timeout_s=None, transfer_timeout_s=None, lease_s=1.0,
+                      progress_deadline_s=100.0, region_min_bytes=0)
+    hanging = partial(FaultyTransport, seed=0, faults={0: Fault.STUCK})
+    async with engine_pair(cfg, clock, wrap0=hanging, wrap1=hanging) as pair:
+        e0, e1, p0, p1, f0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
+        src, dst = p0.alloc(3, owner="l"), p1.alloc(3, owner="l")
+        hs, hr = e0.send("l", src, 1), e1.receive("l", dst, 0)
+        await until(lambda: e0.session("l").state is State.IN_FLIGHT
+                    and e1.session("l").state is State.IN_FLIGHT)
+        assert e1.cancel("l") is CancelResult.CANCEL_REQUESTED_IN_FLIGHT
+        p1.free(dst, owner="l")
+        p0.free(src, owner="l")
+        f0.lose_peer(1)
+        _grab_excludes(p0, src)
+        _grab_excludes(p1, dst)
+        await clock.advance(1.5, steps=15)
+        with pytest.raises(TransferCancelled):
+            await hr.wait()
+        with pytest.raises(TransferFailed) as info:
+            await hs.wait()
+        assert info.value.reason == "peer_lost"
+        await until(lambda: p0.num_deferred == 0 and p1.num_deferred == 0)
+        p0.assert_poisoned(src)
+        p1.assert_poisoned(dst)
+
+
+def test_region_min_bytes_is_validated() -> None:
+    assert EngineConfig().region_min_bytes is None  # the transport's hint
+    assert EngineConfig(region_min_bytes=0).region_min_bytes == 0
+    for bad in (-1, 1.5, True, "4096"):
+        with pytest.raises(EngineConfigError):
+            EngineConfig(region_min_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.mpi
+def test_zero_copy_paths_pair_with_each_other_over_mpi(run_mpi: RunMPI) -> None:
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths", timeout=240)
+    for rank in range(2):
+        assert f"rank {rank} zero-copy paths OK" in result.stdout, result.stdout
+
+
+@pytest.mark.mpi
+def test_zero_copy_faults_keep_blocks_pinned_over_mpi(run_mpi: RunMPI) -> None:
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "faults", timeout=240)
+    for rank in range(2):
+        assert f"rank {rank} zero-copy faults OK" in result.stdout, result.stdout

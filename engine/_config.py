@@ -39,6 +39,14 @@ class EngineConfig:
     lost. ``quarantine_budget``, ``progress_deadline_s`` and ``restart_grace_s`` are the
     health policy. ``drain_timeout_s`` bounds the drain when the engine's context exits.
     ``idle_sleep_s`` is the pause of a tick that found nothing to do.
+
+    ``max_early_advertises`` bounds, *per peer*, the advertises kept for a ``send()`` that
+    has not come yet (one peer's junk never crowds out another's). ``confirm_grace_s``
+    (default: one lease) is how long a sender that posted waits past its transfer deadline
+    for the receiver's word (DONE or FAIL) before it gives up with an unknown outcome.
+    ``checksum``: the receiver asks the sender for a CRC-32 of the bytes sent and compares
+    it with what landed before it confirms; a mismatch fails both sides with
+    ``checksum_mismatch``. Off by default (it reads every byte once more on each side).
     """
 
     queue_timeout_s: float | None = attrs.field(default=30.0, validator=_optional_positive)
@@ -54,6 +62,18 @@ class EngineConfig:
     max_early_advertises: int = attrs.field(default=65536, validator=_non_negative_int)
     agreement_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     recent_sessions: int = attrs.field(default=4096, validator=_non_negative_int)
+    confirm_grace_s: float | None = attrs.field(default=None, validator=_optional_positive)
+    checksum: bool = attrs.field(default=False)
+
+    @checksum.validator
+    def _check_checksum(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if type(value) is not bool:
+            raise EngineConfigError(attribute.name, value, "True or False")
+
+    @property
+    def sender_confirm_grace_s(self) -> float:
+        """``confirm_grace_s``, or one lease when unset."""
+        return self.lease_s if self.confirm_grace_s is None else self.confirm_grace_s
 
     @property
     def heartbeat_every_s(self) -> float:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from kvhandoff import cuda_ext
 from kvhandoff.engine import _wire as wire
-from kvhandoff.engine._agreement import OK
 from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
@@ -92,9 +91,11 @@ class DataPath:
         return all(self._post(transfer, HandleKind.RECV, chunk, now)
                    for chunk in range(transfer.num_chunks))
 
-    def start_send(self, transfer: Transfer, data_tag: int, now: float) -> None:
+    def start_send(self, transfer: Transfer, data_tag: int, now: float, *,
+                   want_checksum: bool = False) -> None:
         """The receiver advertised: post the whole send, or each layer already produced."""
         transfer.data_tag = data_tag
+        transfer.want_checksum = want_checksum
         transfer.staging = self.staging.acquire(transfer.total_nbytes)
         transfer.ops = [None] * transfer.num_chunks
         self._engine._apply(transfer, Event.ADVERTISE, now)
@@ -137,7 +138,9 @@ class DataPath:
         except Exception as exc:  # a bad block table must fail this transfer, not the loop
             self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
             return
-        self._post(transfer, HandleKind.SEND, chunk, now)
+        if self._post(transfer, HandleKind.SEND, chunk, now) and transfer.want_checksum \
+                and transfer.posted == transfer.num_chunks:
+            self._engine._control.accept(transfer)
 
     def _post(self, transfer: Transfer, kind: HandleKind, chunk: int, now: float) -> bool:
         """Post one data operation; the first takes the session ``IN_FLIGHT`` (through
@@ -192,7 +195,10 @@ class DataPath:
                 self.bytes_received += op.nbytes
         elif transfer.op_error is None:
             transfer.op_error = op.error or "transport error"
-            if not transfer.outcome_known and not transfer.quiescent_ops:
+            # A sender's error decides nothing: the receiver sees whether the bytes landed
+            # and its word (DONE, or FAIL / CANCEL) is the outcome (see ``_control.py``).
+            if transfer.role is Role.RECEIVER and not transfer.outcome_known \
+                    and not transfer.quiescent_ops:
                 # Other operations may still touch the buffer: surface the error now and
                 # keep everything pinned (quarantine) until they are final.
                 engine._apply(transfer, Event.ABORT, now, reason=FailureReason.TRANSPORT_ERROR,
@@ -210,6 +216,12 @@ class DataPath:
             # The outcome is already failure; HANDLE_DONE settles it (the reason stays).
             engine._apply(transfer, Event.HANDLE_DONE, now)
             return
+        if transfer.role is Role.SENDER:
+            # Quiescent here; the outcome is the receiver's word (an error of ours included).
+            engine._apply(transfer, Event.HANDLE_DONE, now)
+            if session.confirmed:
+                engine._group.decide(transfer.request_id, now)
+            return
         if transfer.op_error is not None:
             engine._apply(transfer, Event.HANDLE_FAILED, now,
                           reason=FailureReason.TRANSPORT_ERROR, detail=transfer.op_error[:256])
@@ -223,7 +235,7 @@ class DataPath:
                               reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
                 return
         engine._apply(transfer, Event.HANDLE_DONE, now)
-        engine._agreement.report(transfer.request_id, OK)
+        engine._control.received(transfer, now)
 
     # --- wind-down -------------------------------------------------------------------------
 

@@ -63,6 +63,11 @@ class Transfer:
     wind_down: WindDown = WindDown.NONE
     #: Whether the peer already knows the outcome (it told us, or we told it).
     peer_told: bool = False
+    #: The receiver asked for the checksum of the moved bytes (``EngineConfig.checksum``);
+    #: the sender's (from ACCEPT) and, on the receiver, what landed, once known.
+    want_checksum: bool = False
+    sent_checksum: int | None = None
+    landed_checksum: int | None = None
 
     #: Bytes the transfer moves (every chunk).
     total_nbytes: int = attrs.field(init=False)

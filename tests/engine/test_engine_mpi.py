@@ -39,7 +39,7 @@ def test_engine_mpi_failing_rank_aborts_job(run_mpi: RunMPI) -> None:
 @pytest.mark.mpi
 def test_engine_mpi_dying_rank_kills_the_job_by_default(run_mpi: RunMPI) -> None:
     # MPICH's launcher kills every rank when one dies: the survivor never reports.
-    result = run_mpi(2, "engine_mpi_rank_death.py", timeout=120, check=False)
+    result = run_mpi(2, "engine_mpi_rank_death.py", timeout=240, check=False)
     assert "rank 1 dies now" in result.stdout, result.stdout
     assert result.returncode != 0, result.stdout
     assert "survivor OK" not in result.stdout, result.stdout
@@ -50,7 +50,7 @@ def test_engine_mpi_survivor_of_a_dying_rank_fails_pins_and_drains(run_mpi: RunM
     # With the launcher's auto-cleanup off the survivor lives on: both transfers fail with
     # peer_lost / transport_error, the MPI send's blocks stay pinned, drain reports it (the
     # script asserts each; see engine_mpi_rank_death.py).
-    result = run_mpi(2, "engine_mpi_rank_death.py", timeout=120, check=False,
+    result = run_mpi(2, "engine_mpi_rank_death.py", timeout=240, check=False,
                      launcher_args=["-disable-auto-cleanup"])
     assert "rank 0 survivor OK" in result.stdout, result.stdout
     assert "rank 0 leaving" in result.stdout, result.stdout

@@ -9,6 +9,7 @@ printed (``-s``) and asserted to be 0."""
 
 from __future__ import annotations
 
+import collections
 from functools import partial
 from typing import Any
 
@@ -38,6 +39,7 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
     split: list[tuple[str, str, str]] = []  # (request, sender's outcome, receiver's)
     other_reason: list[tuple[str, str, str]] = []
     unknown = 0
+    reasons: collections.Counter[str] = collections.Counter()  # (side: reason) of failures
 
     async def outcome(handle: Any) -> str:
         nonlocal unknown
@@ -64,6 +66,8 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
                 for layer in reversed(range(NUM_LAYERS)):
                     hs.layer_ready(layer)
             sent, got = await outcome(hs), await outcome(hr)
+            reasons.update(f"{side}: {why}" for side, why in (("sender", sent), ("receiver", got))
+                           if why != "ok")
             if (sent == "ok") != (got == "ok"):
                 split.append((rid, sent, got))
             elif sent != got:
@@ -89,7 +93,7 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
             stats0, stats1 = pair.e0.stats(), pair.e1.stats()
     print(f"\nsoak: {SESSIONS} transfers, {outcomes['failed']} failed, split outcomes: "
           f"{len(split)}, same outcome other reason: {len(other_reason)}, outcome unknown: "
-          f"{unknown}")
+          f"{unknown}; failures by side and reason: {dict(sorted(reasons.items()))}")
     assert not split, split[:10]
     assert not other_reason, other_reason[:10]
     assert unknown == 0  # nobody was lost: every side learned the other's outcome

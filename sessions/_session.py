@@ -267,7 +267,10 @@ def _confirm(s: TransferSession, d: InFlight, now: float, h: object, f: Failure 
         raise _refuse(s, Event.CONFIRMED, "only a sender is confirmed by its receiver")
     if d.confirmed:
         raise _refuse(s, Event.CONFIRMED, "the receiver confirmed already")
-    return attrs.evolve(d, confirmed=True)
+    # Every send passes here: built directly, as in ``_local_done``.
+    return InFlight(handle=d.handle, posted_at=d.posted_at, transfer_deadline=d.transfer_deadline,
+                    local_final=d.local_final, cancel_requested=d.cancel_requested,
+                    confirmed=True)
 
 
 def _local_failed(s: TransferSession, d: InFlight, now: float, h: object,

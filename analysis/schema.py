@@ -92,6 +92,7 @@ SESSION_TRIGGERS = (
     "HANDLE_DONE",
     "HANDLE_FAILED",
     "COMPLETED",
+    "CONFIRMED",
     "CANCEL",
     "EXPIRE",
     "ABORT",
@@ -110,6 +111,7 @@ FAILURE_REASONS = (
     "layout_mismatch",
     "size_mismatch",
     "protocol_error",
+    "checksum_mismatch",
 )
 #: ``kvhandoff.sessions.CancelResult`` names.
 CANCEL_RESULTS = (
@@ -345,7 +347,7 @@ _EVENT_LIST = (
         (
             LogKey("source", int, "the rank that sent it"),
             LogKey("what", str, "which message: `decode` when it could not be decoded, else "
-                   "its kind, e.g. `advertise`, `cancel`"),
+                   "its kind, e.g. `advertise`, `cancel`, `done`, `accept`"),
             LogKey("detail", str, "why it was rejected"),
         ),
         "a control message from a peer was malformed or matched no transfer; it was dropped",

@@ -1,6 +1,7 @@
 """TransferEngine over the loopback transport against the raw work it wraps, side by side.
 
     python benchmarks/bench_engine.py [--batch 256] [--rounds 21] [--profile [--sort cumulative]]
+    python benchmarks/bench_engine.py --against REV [--repeats 7]
 
 Two in-process engines (ranks 0 and 1 of one ``loopback_group``) are driven by direct
 ``_tick()`` calls inside one anyio event loop (no engine task: the numbers are the engine's
@@ -18,6 +19,12 @@ unless a log directory is set. Cases:
 
 Rounds of the two sides alternate and medians are reported; the process is pinned to one
 core when the OS allows it (the goal is per core).
+
+``--against REV`` measures what a change cost: the sessions/s case of this tree and of git
+revision ``REV`` (extracted with ``git archive`` into a temporary directory, its block copy
+built in its own cache), each in a fresh process, alternating, ``--repeats`` times; the
+table gives both medians and the ratio (e.g. the outcome handshake's DONE message:
+``--against aeab1cd``, the commit before it).
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ import cProfile
 import os
 import pstats
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -205,6 +215,55 @@ async def bench(args: Any) -> None:
           f"{'met' if many / few <= 1.5 else 'missed'} |")
 
 
+_ONE_RUN = """
+import os, sys, torch
+if hasattr(os, "sched_setaffinity"):
+    try:
+        os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+    except OSError:
+        pass
+torch.set_num_threads(1)
+sys.path.insert(0, {bench_dir!r})
+import bench_engine
+print(bench_engine.sessions_per_second({batch}, {rounds})[0])
+"""
+
+
+def against(args: Any) -> None:
+    """This tree's sessions/s against revision ``args.against``'s, alternating processes."""
+    here = Path(__file__).resolve().parent
+    root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, check=True,
+                               capture_output=True, text=True).stdout.strip())
+    with tempfile.TemporaryDirectory(prefix="kvh-against-") as tmp:
+        old = Path(tmp) / "kvhandoff"
+        old.mkdir()
+        archive = subprocess.run(["git", "archive", args.against], cwd=root, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        trees = {
+            "after": (here, dict(os.environ)),
+            "before": (old / "benchmarks", {**os.environ, "PYTHONPATH": tmp,
+                                            "KVHANDOFF_CACHE_DIR": str(Path(tmp) / "cache")}),
+        }
+        runs: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(args.repeats):
+            for label in ("before", "after"):
+                bench_dir, env = trees[label]
+                code = _ONE_RUN.format(bench_dir=str(bench_dir), batch=args.batch,
+                                       rounds=args.rounds)
+                out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                     capture_output=True, text=True, cwd=tmp).stdout
+                runs[label].append(float(out.split()[-1]))
+    ratios = [a / b for a, b in zip(runs["after"], runs["before"], strict=True)]
+    before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
+    print(f"sessions/s, {args.batch} send+receive pairs per round, {args.rounds} rounds per "
+          f"process, {args.repeats} alternating processes per side, medians")
+    print(f"| case | before ({args.against}) | after (this tree) | ratio | ratios per repeat |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    print(f"| sessions/s | {before:,.0f}/s | {after:,.0f}/s | {after / before:.3f} | "
+          f"{min(ratios):.3f} .. {max(ratios):.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -212,7 +271,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the engine rounds instead of benchmarking")
     parser.add_argument("--sort", default="tottime", help="pstats sort key for --profile")
+    parser.add_argument("--against", metavar="REV",
+                        help="compare sessions/s with git revision REV instead")
+    parser.add_argument("--repeats", type=int, default=7, help="processes per side (--against)")
     args = parser.parse_args()
+    if args.against:
+        against(args)
+        return 0
     if hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

@@ -52,6 +52,14 @@ class EngineConfig:
     (``Transport.region_min_bytes``; MPITransport's keeps the staged path, see
     docs/benchmarks.md); 0: always the region path where the transport offers it. Each side
     chooses alone; both carry the same bytes.
+
+    ``max_early_advertises`` bounds, *per peer*, the advertises kept for a ``send()`` that
+    has not come yet (one peer's junk never crowds out another's). ``confirm_grace_s``
+    (default: one lease) is how long a sender that posted waits past its transfer deadline
+    for the receiver's word (DONE or FAIL) before it gives up with an unknown outcome.
+    ``checksum``: the receiver asks the sender for a CRC-32 of the bytes sent and compares
+    it with what landed before it confirms; a mismatch fails both sides with
+    ``checksum_mismatch``. Off by default (it reads every byte once more on each side).
     """
 
     queue_timeout_s: float | None = attrs.field(default=30.0, validator=_optional_positive)
@@ -69,6 +77,18 @@ class EngineConfig:
     recent_sessions: int = attrs.field(default=4096, validator=_non_negative_int)
     region_min_bytes: int | None = attrs.field(default=None,
                                                validator=_optional_non_negative_int)
+    confirm_grace_s: float | None = attrs.field(default=None, validator=_optional_positive)
+    checksum: bool = attrs.field(default=False)
+
+    @checksum.validator
+    def _check_checksum(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if type(value) is not bool:
+            raise EngineConfigError(attribute.name, value, "True or False")
+
+    @property
+    def sender_confirm_grace_s(self) -> float:
+        """``confirm_grace_s``, or one lease when unset."""
+        return self.lease_s if self.confirm_grace_s is None else self.confirm_grace_s
 
     @property
     def heartbeat_every_s(self) -> float:

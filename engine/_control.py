@@ -1,19 +1,37 @@
-"""``ControlPlane``: the handshake, early advertises, and the peer's FAIL / CANCEL.
+"""``ControlPlane``: the handshake, the outcome handshake, early advertises, and the peer's
+FAIL / CANCEL.
 
 The handshake, for one request::
 
     receiver: receive()  -> pin blocks, take a staging buffer, post the receive(s),
-                            send ADVERTISE(request, blocks, bytes, layout, data tag, chunks)
+                            send ADVERTISE(request, blocks, bytes, layout, data tag, chunks,
+                            want checksum)
     sender:   ADVERTISE  -> validate against its own send(); a mismatch fails both sides
                             with a typed reason (CANCEL goes back); else gather the blocks
-                            into a staging buffer and post the send(s)
+                            into a staging buffer and post the send(s); with want checksum,
+                            ACCEPT(checksum of the bytes sent) once every chunk is posted
+    receiver: all final  -> scatter (compare the checksum with ACCEPT's), report OK; once
+                            its outcome is COMPLETE (the TP group agreed), DONE
+    sender:   DONE       -> CONFIRMED: the outcome is success (complete once quiescent too)
 
-An ADVERTISE that arrives before the host's ``send()`` is kept (at most
-``max_early_advertises``, each for at most the queue timeout) and answered when the send
-comes. Telling the peer about a failure uses two words: *FAIL* ("my posted operations run to
-completion: complete yours") and *CANCEL* ("nothing of mine is or will be in flight: abort
-yours"); see ``DataPath.wind_down``. Every incoming message is decoded and validated first: a
-malformed one is counted, logged and dropped, touching no session.
+*The outcome handshake.* The receiver is the one side that knows whether every byte landed,
+so it decides the outcome and the sender adopts it: DONE (success) or the receiver's FAIL /
+CANCEL, whose reason the sender takes as its own (``_PEER_VERDICT``: both sides report the
+same reason). A sender that posted therefore never decides alone that its transfer failed:
+its own operation error is only a detail (the receiver sees whether the bytes arrived), and
+its deadline waits ``confirm_grace_s`` past the receiver's. Only when the receiver goes
+silent (lease) or never answers (that deadline) does the sender give up, and its failure
+then says ``outcome_unknown``: never plain success, never a known failure.
+
+An ADVERTISE that arrives before the host's ``send()`` is kept under (source rank, request
+id) (at most ``max_early_advertises`` per source, each for at most the queue timeout) and
+answered when the send to that very rank comes: junk from one rank can neither take another
+rank's request id nor crowd out its advertises. Telling the peer about a failure uses two
+words: *FAIL* ("my posted operations run to completion: complete yours") and *CANCEL*
+("nothing of mine is or will be in flight: abort yours"); see ``DataPath.wind_down``. Every
+incoming message is decoded and validated first: a malformed one, or a DONE / ACCEPT from
+the wrong rank or for an unknown request, is counted, logged and dropped, touching no
+session.
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ import collections
 from typing import TYPE_CHECKING
 
 from kvhandoff.engine import _wire as wire
+from kvhandoff.engine._agreement import OK
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.transports.errors import ProtocolError
 from kvhandoff.sessions import Event, FailureReason, Role
@@ -46,6 +65,14 @@ _WIRE_TO_REASON: dict[wire.FailReason, FailureReason] = {
     wire.FailReason.TRANSPORT_ERROR: FailureReason.PEER_FAILED,
     wire.FailReason.SHUTDOWN: FailureReason.PEER_FAILED,
     wire.FailReason.INTERNAL: FailureReason.PEER_FAILED,
+    wire.FailReason.CHECKSUM_MISMATCH: FailureReason.CHECKSUM_MISMATCH,
+}
+
+#: A sender that posted adopts its receiver's verdict: the receiver's reason, as its own.
+_PEER_VERDICT: dict[wire.FailReason, FailureReason] = {
+    **_WIRE_TO_REASON,
+    wire.FailReason.TIMEOUT: FailureReason.TRANSFER_TIMEOUT,
+    wire.FailReason.TRANSPORT_ERROR: FailureReason.TRANSPORT_ERROR,
 }
 
 #: What we tell the peer for a failure here.
@@ -59,9 +86,11 @@ _REASON_TO_WIRE: dict[FailureReason, wire.FailReason] = {
     FailureReason.LAYOUT_MISMATCH: wire.FailReason.LAYOUT_MISMATCH,
     FailureReason.SIZE_MISMATCH: wire.FailReason.SIZE_MISMATCH,
     FailureReason.PROTOCOL_ERROR: wire.FailReason.PROTOCOL_ERROR,
+    FailureReason.CHECKSUM_MISMATCH: wire.FailReason.CHECKSUM_MISMATCH,
 }
 
-_EarlyAdvertise = tuple[int, wire.Advertise, float]  # (source rank, message, arrived at)
+_EarlyKey = tuple[int, str]  # (source rank, request id)
+_EarlyAdvertise = tuple[wire.Advertise, float]  # (message, arrived at)
 
 
 class ControlPlane:
@@ -73,10 +102,12 @@ class ControlPlane:
         self._transport = engine.transport
         self._max_early = engine.config.max_early_advertises
         self._queue_timeout_s = engine.config.queue_timeout_s
+        self._want_checksum = engine.config.checksum
         self.rejected = 0
-        self._early: collections.OrderedDict[str, _EarlyAdvertise] = collections.OrderedDict()
-        # How many early advertises each peer has waiting (changed only by _keep_early and
-        # take_early), so heartbeats find those peers without scanning the advertises.
+        self._early: collections.OrderedDict[_EarlyKey, _EarlyAdvertise] = (
+            collections.OrderedDict())
+        # How many early advertises each peer has waiting (changed only by on_advertise and
+        # take_early): the per-peer bound, and heartbeats find those peers without a scan.
         self.early_sources: collections.Counter[int] = collections.Counter()
 
     # --- sending ---------------------------------------------------------------------------
@@ -96,7 +127,20 @@ class ControlPlane:
             total_bytes=transfer.total_nbytes,
             layout_fingerprint=self._engine.layout_fingerprint,
             data_tag=transfer.data_tag, num_chunks=transfer.num_chunks,
+            want_checksum=self._want_checksum,
         ))
+        transfer.want_checksum = self._want_checksum
+
+    def accept(self, transfer: Transfer) -> None:
+        """Every chunk is gathered and posted: send the receiver our checksum of them."""
+        self.send(transfer.peer, wire.Accept(
+            transfer.request_id, transfer.data_tag,
+            self._engine._datapath.checksum(transfer)))
+
+    def done(self, transfer: Transfer) -> None:
+        """This receiver's outcome is COMPLETE: confirm it to the sender."""
+        transfer.peer_told = True
+        self.send(transfer.peer, wire.Done(transfer.request_id))
 
     def tell_failure(self, transfer: Transfer, reason: FailureReason,
                      detail: str | None) -> None:
@@ -129,19 +173,24 @@ class ControlPlane:
             self.on_advertise(source, message, now)
         elif isinstance(message, (wire.Fail, wire.Cancel)):
             self._on_peer_failure(source, message, now)
+        elif isinstance(message, wire.Done):
+            self._on_done(source, message, now)
+        elif isinstance(message, wire.Accept):
+            self._on_accept(source, message, now)
 
     def on_advertise(self, source: int, advertise: wire.Advertise, now: float) -> None:
         engine = self._engine
         rid = advertise.request_id
         transfer = engine._transfers.get(rid)
         if transfer is None:
-            if rid in self._early or len(self._early) >= self._max_early:
+            key = (source, rid)
+            if key in self._early or self.early_sources[source] >= self._max_early:
                 self.reject(source, "advertise",
                             f"duplicate or one too many early advertise for {rid!r}")
                 self.send(source, wire.Cancel(
                     rid, wire.FailReason.DUPLICATE_REQUEST, "advertise not accepted"))
             else:  # the receiver was faster than our host's send(): keep it until then
-                self._early[rid] = (source, advertise, now)
+                self._early[key] = (advertise, now)
                 self.early_sources[source] += 1
             return
         if transfer.role is not Role.SENDER or transfer.peer != source:
@@ -165,26 +214,91 @@ class ControlPlane:
                           detail=mismatch.detail)
             return
         engine._leases.engaged(source, now)
-        engine._datapath.start_send(transfer, advertise.data_tag, now)
+        engine._datapath.start_send(transfer, advertise.data_tag, now,
+                                    want_checksum=advertise.want_checksum)
 
-    def take_early(self, request_id: str) -> tuple[int, wire.Advertise] | None:
-        """The advertise that arrived for ``request_id`` before the host's send(), if any."""
-        early = self._early.pop(request_id, None)
+    def take_early(self, request_id: str, source: int) -> wire.Advertise | None:
+        """The advertise that ``source`` sent for ``request_id`` before the host's send(),
+        if any (an advertise from any other rank is not this send's)."""
+        early = self._early.pop((source, request_id), None)
         if early is None:
             return None
-        source = early[0]
         self.early_sources[source] -= 1
         if not self.early_sources[source]:
             del self.early_sources[source]
-        return source, early[1]
+        return early[0]
+
+    def _on_done(self, source: int, message: wire.Done, now: float) -> None:
+        """The receiver's confirmation: every byte landed and its side completed."""
+        engine = self._engine
+        rid = message.request_id
+        transfer = engine._transfers.get(rid)
+        if transfer is None or transfer.peer != source or transfer.role is not Role.SENDER:
+            if transfer is None and engine.was_released(rid):
+                return  # a late word on a transfer already settled and released here
+            self.reject(source, "done", f"{rid!r} is not a send to rank {source}")
+            return
+        session = transfer.session
+        if session.confirmed or not session.allows(Event.CONFIRMED):
+            # Failed here already: only a lapsed lease or the extended deadline fails a
+            # posted sender without the receiver's word, and that failure said the
+            # outcome was unknown. The first outcome stays.
+            return
+        engine._apply(transfer, Event.CONFIRMED, now)
+        # The receiver is done with this transfer and says nothing more about it: its
+        # silence from now on is no sign of a lost peer.
+        engine._leases.closed(source, rid)
+        # Its bytes landed, so a send still pending here (wedged, or slow to report) need
+        # not finish: cancel it, best effort, so the blocks come back sooner.
+        for op in transfer.ops:
+            if op is not None and not op.final:
+                op.cancel()
+        engine._agreement.report(rid, OK)
+
+    def _on_accept(self, source: int, message: wire.Accept, now: float) -> None:
+        """The sender's checksum of the bytes it sent (asked for in our advertise)."""
+        engine = self._engine
+        rid = message.request_id
+        transfer = engine._transfers.get(rid)
+        if (transfer is None or transfer.peer != source or transfer.role is not Role.RECEIVER
+                or not transfer.want_checksum or transfer.sent_checksum is not None):
+            if transfer is None and engine.was_released(rid):
+                return
+            self.reject(source, "accept", f"{rid!r} is not a receive from rank {source} "
+                        "waiting for a checksum")
+            return
+        transfer.sent_checksum = message.checksum
+        if transfer.landed_checksum is not None:
+            self._compare_checksums(transfer, now)
+
+    def received(self, transfer: Transfer, now: float) -> None:
+        """A receiver's bytes are in its blocks: report OK, once the checksum (when asked
+        for) matched the sender's."""
+        if transfer.want_checksum:
+            transfer.landed_checksum = self._engine._datapath.checksum(transfer)
+            if transfer.sent_checksum is None:
+                return  # the sender's ACCEPT is on its way
+            self._compare_checksums(transfer, now)
+            return
+        self._engine._agreement.report(transfer.request_id, OK)
+
+    def _compare_checksums(self, transfer: Transfer, now: float) -> None:
+        engine = self._engine
+        session = transfer.session
+        if not session.local_final or session.failure is not None:
+            return  # not landed yet, or failed meanwhile
+        if transfer.sent_checksum == transfer.landed_checksum:
+            engine._agreement.report(transfer.request_id, OK)
+            return
+        engine._apply(transfer, Event.ABORT, now, reason=FailureReason.CHECKSUM_MISMATCH,
+                      detail=f"sender {transfer.sent_checksum:#010x}, "
+                             f"landed {transfer.landed_checksum:#010x}")
 
     def _on_peer_failure(self, source: int, message: wire.Fail | wire.Cancel,
                          now: float) -> None:
         engine = self._engine
         rid = message.request_id
-        early = self._early.get(rid)
-        if early is not None and early[0] == source:
-            self.take_early(rid)
+        if self.take_early(rid, source) is not None:
             return
         transfer = engine._transfers.get(rid)
         if transfer is None or transfer.peer != source:
@@ -208,7 +322,10 @@ class ControlPlane:
         # The peer knows the outcome; a sender that posted nothing must still say CANCEL,
         # since the receiver would otherwise wait for sends that never come.
         transfer.peer_told = cancel or transfer.role is Role.RECEIVER or bool(transfer.posted)
-        engine._apply(transfer, Event.ABORT, now, reason=_WIRE_TO_REASON[message.reason],
+        # A sender that posted adopts the receiver's verdict, reason included.
+        reasons = _PEER_VERDICT if transfer.role is Role.SENDER and transfer.posted \
+            else _WIRE_TO_REASON
+        engine._apply(transfer, Event.ABORT, now, reason=reasons[message.reason],
                       detail=detail[:wire.MAX_DETAIL_BYTES])
 
     def reject(self, source: int, what: str, detail: str) -> None:
@@ -234,9 +351,9 @@ class ControlPlane:
             return
         early = self._early
         while early:
-            rid, (source, _, at) = next(iter(early.items()))
+            (source, rid), (_, at) = next(iter(early.items()))
             if now - at < timeout:
                 break
-            self.take_early(rid)
+            self.take_early(rid, source)
             self.send(source, wire.Cancel(rid, wire.FailReason.UNKNOWN_REQUEST,
                                           "no matching send within the queue timeout"))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine import _wire as wire
-from kvhandoff.engine._agreement import OK
+from kvhandoff.engine._checksum import blocks_checksum, staged_checksum
 from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
@@ -143,9 +143,11 @@ class DataPath:
         return all(self._post(transfer, HandleKind.RECV, index, now)
                    for index in range(transfer.num_ops))
 
-    def start_send(self, transfer: Transfer, data_tag: int, now: float) -> None:
+    def start_send(self, transfer: Transfer, data_tag: int, now: float, *,
+                   want_checksum: bool = False) -> None:
         """The receiver advertised: post the whole send, or each layer already produced."""
         transfer.data_tag = data_tag
+        transfer.want_checksum = want_checksum
         self._plan(transfer)
         self._engine._apply(transfer, Event.ADVERTISE, now)
         if not transfer.layerwise:
@@ -195,6 +197,8 @@ class DataPath:
                     return
             if not self._post(transfer, HandleKind.SEND, index, now):
                 return
+            if transfer.want_checksum and transfer.posted == transfer.num_ops:
+                self._engine._control.accept(transfer)
 
     def _chunk_layers(self, transfer: Transfer, chunk: int) -> list[torch.Tensor]:
         return self._layer_pairs[chunk] if transfer.layerwise else self._layers
@@ -262,7 +266,10 @@ class DataPath:
                     self._landed(transfer, op)
         elif transfer.op_error is None:
             transfer.op_error = op.error or "transport error"
-            if not transfer.outcome_known and not transfer.quiescent_ops:
+            # A sender's error decides nothing: the receiver sees whether the bytes landed
+            # and its word (DONE, or FAIL / CANCEL) is the outcome (see ``_control.py``).
+            if transfer.role is Role.RECEIVER and not transfer.outcome_known \
+                    and not transfer.quiescent_ops:
                 # Other operations may still touch the buffer: surface the error now and
                 # keep everything pinned (quarantine) until they are final.
                 engine._apply(transfer, Event.ABORT, now, reason=FailureReason.TRANSPORT_ERROR,
@@ -279,6 +286,12 @@ class DataPath:
         if session.failure is not None or session.cancel_requested:
             # The outcome is already failure; HANDLE_DONE settles it (the reason stays).
             engine._apply(transfer, Event.HANDLE_DONE, now)
+            return
+        if transfer.role is Role.SENDER:
+            # Quiescent here; the outcome is the receiver's word (an error of ours included).
+            engine._apply(transfer, Event.HANDLE_DONE, now)
+            if session.confirmed:
+                engine._group.decide(transfer.request_id, now)
             return
         if transfer.op_error is not None:
             engine._apply(transfer, Event.HANDLE_FAILED, now,
@@ -297,7 +310,7 @@ class DataPath:
                               reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
                 return
         engine._apply(transfer, Event.HANDLE_DONE, now)
-        engine._agreement.report(transfer.request_id, OK)
+        engine._control.received(transfer, now)
 
     def _landed(self, transfer: Transfer, op: TransportHandle) -> None:
         """A staged receive landed: scatter its piece now, while later pieces still move,
@@ -312,6 +325,15 @@ class DataPath:
             self._scatter(transfer, index)
         except Exception:
             transfer.unscattered[id(op)] = index
+
+    def checksum(self, transfer: Transfer) -> int:
+        """The checksum of the bytes this side moved (``_checksum``): the staging buffer's,
+        or the same bytes read from the blocks on the region path."""
+        if transfer.staging is not None:
+            return staged_checksum(transfer.staging, transfer.num_chunks)
+        groups = (self._layer_pairs if transfer.layerwise else [self._layers])
+        pieces = [transfer.piece_ids(i) for i in range(transfer.pieces)]
+        return blocks_checksum(groups, pieces)
 
     def _scatter(self, transfer: Transfer, index: int) -> None:
         cuda_ext.scatter(transfer.op_view(index),

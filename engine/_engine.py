@@ -195,9 +195,9 @@ class TransferEngine:
         transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise)
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
-        early = self._control.take_early(request_id)
+        early = self._control.take_early(request_id, peer)
         if early is not None and not handle.done:  # else failed at admission
-            self._control.on_advertise(early[0], early[1], self._clock())
+            self._control.on_advertise(peer, early, self._clock())
         self._group.settle_local()
         return handle
 
@@ -379,9 +379,11 @@ class TransferEngine:
         now = self._clock()
         self.pool.pin(ids, owner=request_id)  # range-checks the ids against the pool
         try:
-            session = self._table.admit(request_id, role, peer, ids, now,
-                                        queue_timeout_s=self.config.queue_timeout_s,
-                                        transfer_timeout_s=self.config.transfer_timeout_s)
+            session = self._table.admit(
+                request_id, role, peer, ids, now, queue_timeout_s=self.config.queue_timeout_s,
+                transfer_timeout_s=self.config.transfer_timeout_s,
+                confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
+                                 else None))
         except BaseException:
             self.pool.unpin(ids, owner=request_id)
             raise
@@ -407,6 +409,7 @@ class TransferEngine:
     # --- transitions and outcomes ----------------------------------------------------------
 
     def _apply(self, transfer: Transfer, event: Event, now: float, **kwargs: Any) -> None:
+        # kwargs: handle, reason, detail, outcome_unknown (``SessionTable.apply``)
         self._after(transfer, self._table.apply(transfer.request_id, event, now, **kwargs),
                     now)
 
@@ -424,7 +427,8 @@ class TransferEngine:
         failure = session.failure
         if failure is not None:
             if not transfer.outcome_known:
-                self._surface_failure(transfer, failure.reason, failure.detail)
+                self._surface_failure(transfer, failure.reason, failure.detail,
+                                      failure.outcome_unknown)
             self._datapath.wind_down(transfer, now)
         elif state is State.CANCELLED:
             if not transfer.outcome_known:
@@ -443,10 +447,11 @@ class TransferEngine:
             self._agreement.report(transfer.request_id, QUIESCENT)
 
     def _surface_failure(self, transfer: Transfer, reason: FailureReason,
-                         detail: str | None) -> None:
+                         detail: str | None, outcome_unknown: bool = False) -> None:
         """Tell the host (``wait()`` raises), the TP group and the peer, each once."""
         if transfer.handle is not None:
-            transfer.handle._settle(None, error_for(transfer.request_id, reason, detail))
+            transfer.handle._settle(None, error_for(transfer.request_id, reason, detail,
+                                                    outcome_unknown))
         self._agreement.report(transfer.request_id, FAILED, reason, detail)
         self._control.tell_failure(transfer, reason, detail)
 
@@ -533,5 +538,8 @@ class TransferEngine:
                         and not transfer.outcome_known:
                     transfer.peer_told = True  # nobody there to tell
                     transfer.wind_down = WindDown.ABORT
+                    # A sender that posted may have delivered every byte: it cannot know.
                     self._apply(transfer, Event.ABORT, now, reason=FailureReason.PEER_LOST,
-                                detail=f"no message from rank {peer} for {silent_s:.1f}s")
+                                detail=f"no message from rank {peer} for {silent_s:.1f}s",
+                                outcome_unknown=transfer.role is Role.SENDER
+                                and bool(transfer.posted))

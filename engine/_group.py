@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kvhandoff.collectives import CheckedComm, CollectiveError
 from kvhandoff.engine._agreement import FAILED, Agreement, absorb_round
 from kvhandoff.engine._handle import TransferResult
-from kvhandoff.sessions import Event, FailureReason
+from kvhandoff.sessions import Event, FailureReason, Role
 
 if TYPE_CHECKING:
     from kvhandoff.engine._engine import TransferEngine
@@ -103,12 +103,18 @@ class GroupSync:
                     engine._apply(transfer, Event.ABORT, now, reason=failure.reason,
                                   detail=failure.describe()[:256])
             elif all_ok and session.allows(Event.COMPLETED):
-                engine._apply(transfer, Event.COMPLETED, now)
+                # The outcome is success. A confirmed sender may still wait for its own
+                # handle (its receiver has every byte): the host learns the outcome now, the
+                # session completes once quiescent (``DataPath._local_final`` decides again).
                 if transfer.handle is not None:
                     transfer.handle._settle(TransferResult(
                         request_id=rid, role=transfer.role, peer=transfer.peer,
                         nbytes=transfer.total_nbytes, seconds=now - session.admitted_at,
                     ), None)
+                if session.local_final:
+                    engine._apply(transfer, Event.COMPLETED, now)
+                    if transfer.role is Role.RECEIVER:
+                        engine._control.done(transfer)
             if all_quiescent and session.is_terminal:
                 engine._release(transfer)
         if all_quiescent:

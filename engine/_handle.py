@@ -130,10 +130,11 @@ class TransferHandle:
             self._event.set()
 
 
-def error_for(request_id: str, reason: FailureReason, detail: str | None) -> BaseException:
+def error_for(request_id: str, reason: FailureReason, detail: str | None,
+              outcome_unknown: bool = False) -> BaseException:
     """The typed error ``wait()`` raises for a failure ``reason``."""
     if reason is FailureReason.QUEUE_TIMEOUT or reason is FailureReason.TRANSFER_TIMEOUT:
-        return TransferTimeout(request_id, reason, detail)
+        return TransferTimeout(request_id, reason, detail, outcome_unknown)
     if reason is FailureReason.CANCELLED:
-        return TransferCancelled(request_id, reason, detail)
-    return TransferFailed(request_id, reason, detail)
+        return TransferCancelled(request_id, reason, detail, outcome_unknown)
+    return TransferFailed(request_id, reason, detail, outcome_unknown)

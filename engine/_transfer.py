@@ -77,6 +77,11 @@ class Transfer:
     regions: bool = False
     #: Staged receive operations that landed and were not scattered yet, by ``id(op)``.
     unscattered: dict[int, int] = attrs.field(factory=dict)
+    #: The receiver asked for the checksum of the moved bytes (``EngineConfig.checksum``);
+    #: the sender's (from ACCEPT) and, on the receiver, what landed, once known.
+    want_checksum: bool = False
+    sent_checksum: int | None = None
+    landed_checksum: int | None = None
 
     #: Bytes the transfer moves (every chunk).
     total_nbytes: int = attrs.field(init=False)

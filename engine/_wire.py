@@ -19,7 +19,9 @@ Message objects run the same range checks when constructed, so an invalid messag
 be built or sent either.
 
 Bumping ``WIRE_VERSION`` is required for any change of layout; a receiver rejects versions
-it does not speak with ``UnsupportedVersionError`` rather than guessing.
+it does not speak with ``UnsupportedVersionError`` rather than guessing. Version 2 added the
+outcome handshake's fields: ADVERTISE's ``flags`` (bit 0: the receiver wants a checksum of
+the moved bytes), ACCEPT's ``checksum``, and the ``checksum_mismatch`` reason.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 MAGIC = b"KVHC"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 MAX_REQUEST_ID_BYTES = 256
 MAX_DETAIL_BYTES = 256
@@ -84,8 +86,12 @@ _HEADER = struct.Struct("!4sBBH")
 HEADER_SIZE = _HEADER.size
 
 # Fixed parts of each body; string lengths (u16) come last and the strings follow in order.
-_ADVERTISE = struct.Struct("!IQQIIH")  # block_count, total_bytes, fingerprint, tag, chunks, rid
-_ACCEPT = struct.Struct("!IH")  # data_tag, rid
+# block_count, total_bytes, fingerprint, tag, chunks, flags, rid
+_ADVERTISE = struct.Struct("!IQQIIBH")
+_ACCEPT = struct.Struct("!IIH")  # data_tag, checksum, rid
+#: ADVERTISE flags: the receiver wants the sender's checksum of the bytes (in ACCEPT).
+FLAG_WANT_CHECKSUM = 1
+_KNOWN_FLAGS = FLAG_WANT_CHECKSUM
 _REASONED = struct.Struct("!HHH")  # reason, rid, detail (CANCEL and FAIL)
 _HEARTBEAT = struct.Struct("!IQI")  # sender_rank, sequence, open_requests
 _DONE = struct.Struct("!H")  # rid
@@ -122,6 +128,8 @@ class FailReason(enum.IntEnum):
     PROTOCOL_ERROR = 11
     SHUTDOWN = 12
     INTERNAL = 13
+    #: The receiver's checksum of what landed differs from the sender's of what it sent.
+    CHECKSUM_MISMATCH = 14
 
     @property
     def label(self) -> str:
@@ -155,7 +163,9 @@ def _check_reason(value: object) -> None:
 class Advertise:
     """Receiver -> sender: "my receive is posted". ``total_bytes`` is the whole transfer;
     it must be a multiple of ``block_count`` (blocks have one size) and of ``num_chunks``
-    (layer-wise chunks have one size). Chunk ``i`` travels on data tag ``data_tag + i``."""
+    (layer-wise chunks have one size). Chunk ``i`` travels on data tag ``data_tag + i``.
+    ``want_checksum``: the sender must answer with ACCEPT carrying its checksum of the bytes
+    it sent, which the receiver compares with what landed before it confirms (DONE)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.ADVERTISE
     request_id: str
@@ -164,6 +174,7 @@ class Advertise:
     layout_fingerprint: int
     data_tag: int
     num_chunks: int = 1
+    want_checksum: bool = False
 
     def __attrs_post_init__(self) -> None:
         _check_text("request_id", self.request_id, 1, MAX_REQUEST_ID_BYTES)
@@ -172,6 +183,8 @@ class Advertise:
         _check_int("layout_fingerprint", self.layout_fingerprint, 0, _U64_MAX)
         _check_int("num_chunks", self.num_chunks, 1, MAX_CHUNKS)
         _check_int("data_tag", self.data_tag, 1, MAX_DATA_TAG - (self.num_chunks - 1))
+        if type(self.want_checksum) is not bool:
+            raise FieldRangeError("want_checksum", self.want_checksum, "a bool")
         if self.total_bytes % self.block_count:
             raise FieldRangeError(
                 "total_bytes", self.total_bytes, f"a multiple of block_count={self.block_count}"
@@ -184,15 +197,19 @@ class Advertise:
 
 @attrs.frozen
 class Accept:
-    """Sender -> receiver: the advertise was validated and the send is being posted."""
+    """Sender -> receiver: the advertise was validated and every chunk is posted;
+    ``checksum`` is the sender's checksum (``kvhandoff.engine._checksum``) of the bytes it
+    sent. Sent only when the advertise asked for it (``want_checksum``)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.ACCEPT
     request_id: str
     data_tag: int
+    checksum: int = 0
 
     def __attrs_post_init__(self) -> None:
         _check_text("request_id", self.request_id, 1, MAX_REQUEST_ID_BYTES)
         _check_int("data_tag", self.data_tag, 1, MAX_DATA_TAG)
+        _check_int("checksum", self.checksum, 0, 2**32 - 1)
 
 
 @attrs.frozen
@@ -250,7 +267,9 @@ class Heartbeat:
 
 @attrs.frozen
 class Done:
-    """Either side -> the other: the data operation finished on this side."""
+    """Receiver -> sender: every byte landed in the receiver's blocks (checksum compared
+    when one was asked for) and its side of the transfer completed. The sender's outcome is
+    success only on this word."""
 
     KIND: ClassVar[MessageKind] = MessageKind.DONE
     request_id: str
@@ -268,11 +287,11 @@ def encode(msg: ControlMessage) -> bytes:
         rid = msg.request_id.encode("utf-8")
         body = _ADVERTISE.pack(
             msg.block_count, msg.total_bytes, msg.layout_fingerprint, msg.data_tag,
-            msg.num_chunks, len(rid),
+            msg.num_chunks, FLAG_WANT_CHECKSUM if msg.want_checksum else 0, len(rid),
         ) + rid
     elif isinstance(msg, Accept):
         rid = msg.request_id.encode("utf-8")
-        body = _ACCEPT.pack(msg.data_tag, len(rid)) + rid
+        body = _ACCEPT.pack(msg.data_tag, msg.checksum, len(rid)) + rid
     elif isinstance(msg, Cancel | Fail):
         rid = msg.request_id.encode("utf-8")
         detail = msg.detail.encode("utf-8")
@@ -331,17 +350,20 @@ def _reason(code: int, whole: bytes) -> FailReason:
 
 def _decode_body(kind: MessageKind, reader: _Reader, whole: bytes) -> ControlMessage:
     if kind is MessageKind.ADVERTISE:
-        block_count, total_bytes, fingerprint, data_tag, num_chunks, rid_len = reader.fixed(
-            _ADVERTISE
-        )
+        block_count, total_bytes, fingerprint, data_tag, num_chunks, flags, rid_len = (
+            reader.fixed(_ADVERTISE))
+        if flags & ~_KNOWN_FLAGS:
+            raise FieldRangeError("flags", flags, f"only known flag bits ({_KNOWN_FLAGS:#x})",
+                                  whole)
         rid = reader.text("request_id", rid_len)
         reader.finish()
-        return Advertise(rid, block_count, total_bytes, fingerprint, data_tag, num_chunks)
+        return Advertise(rid, block_count, total_bytes, fingerprint, data_tag, num_chunks,
+                         bool(flags & FLAG_WANT_CHECKSUM))
     if kind is MessageKind.ACCEPT:
-        data_tag, rid_len = reader.fixed(_ACCEPT)
+        data_tag, checksum, rid_len = reader.fixed(_ACCEPT)
         rid = reader.text("request_id", rid_len)
         reader.finish()
-        return Accept(rid, data_tag)
+        return Accept(rid, data_tag, checksum)
     if kind is MessageKind.CANCEL or kind is MessageKind.FAIL:
         code, rid_len, detail_len = reader.fixed(_REASONED)
         rid = reader.text("request_id", rid_len)

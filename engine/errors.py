@@ -215,18 +215,27 @@ class TransferError(EngineError):
     ``TRANSFER_TIMEOUT``, ...; a ``str`` enum, so ``str(reason)`` is its value and it equals
     that string), ``detail`` free text (for a failure on another TP rank or on the peer, which
     rank and why). The blocks stay pinned until the transport is quiescent: freeing them is
-    always safe (the pool defers it)."""
+    always safe (the pool defers it).
+
+    ``outcome_unknown`` is True when this side could not learn the other side's outcome: a
+    sender that posted gave up without its receiver's word (``peer_lost``: the receiver went
+    silent; ``transfer_timeout``: it never answered), so the receiver may hold every byte.
+    The host must not treat the request as handed off, nor as certainly lost (ask the decode
+    side, or redo the prefill)."""
 
     def __init__(self, request_id: str, reason: FailureReason | str,
-                 detail: str | None = None) -> None:
+                 detail: str | None = None, outcome_unknown: bool = False) -> None:
         self.request_id = request_id
         self.reason = FailureReason(reason)
         self.detail = detail
+        self.outcome_unknown = bool(outcome_unknown)
         text = f"transfer {request_id!r} failed: {self.reason}"
+        if self.outcome_unknown:
+            text += " (outcome unknown: the peer may have every byte)"
         super().__init__(f"{text} ({detail})" if detail else text)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.request_id, self.reason, self.detail))
+        return (type(self), (self.request_id, self.reason, self.detail, self.outcome_unknown))
 
 
 class TransferTimeout(TransferError):

@@ -28,6 +28,10 @@ class Failure:
 
     reason: FailureReason = attrs.field(converter=_to_reason)
     detail: str | None = None
+    #: True when this side could not learn the other side's outcome: a sender that posted
+    #: (so the receiver may have every byte) failed without the receiver's word (its lease
+    #: lapsed, its extended deadline passed). Never plain success, never a known failure.
+    outcome_unknown: bool = False
 
 
 # --- per-state data --------------------------------------------------------------------------
@@ -58,15 +62,17 @@ def _not_none(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
 @attrs.frozen
 class InFlight:
     """The local operation is posted; ``handle`` is never None. ``local_final``: the handle
-    finished successfully but the group has not agreed on the outcome yet.
-    ``cancel_requested``: the host asked to cancel; the session ends ``FAILED(cancelled)`` as
-    soon as it is quiescent."""
+    finished successfully but the group has not agreed on the outcome yet. ``confirmed``
+    (senders): the receiver confirmed that every byte landed; the outcome is success and
+    there is no deadline any more. ``cancel_requested``: the host asked to cancel; the
+    session ends ``FAILED(cancelled)`` as soon as it is quiescent."""
 
     handle: object = attrs.field(validator=_not_none)
     posted_at: float
     transfer_deadline: float | None
     local_final: bool = False
     cancel_requested: bool = False
+    confirmed: bool = False
 
 
 @attrs.frozen
@@ -146,6 +152,7 @@ class SessionSnapshot:
     local_final: bool
     deadline: float | None
     history: tuple[Transition, ...]
+    confirmed: bool = False
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -237,7 +244,13 @@ def _advertise(s: TransferSession, d: Queued, now: float, h: object, f: Failure 
 
 
 def _post(s: TransferSession, d: Advertised, now: float, h: object, f: Failure | None) -> Any:
-    return InFlight(handle=h, posted_at=now, transfer_deadline=d.transfer_deadline)
+    deadline = d.transfer_deadline
+    if s.role is Role.SENDER and deadline is not None and s.confirm_grace_s is not None:
+        # Once a sender posted, the receiver may get every byte: its outcome is the
+        # receiver's word, which the receiver's own (earlier) deadline bounds; the grace
+        # keeps a late word from meeting a sender that already gave up.
+        deadline += s.confirm_grace_s
+    return InFlight(handle=h, posted_at=now, transfer_deadline=deadline)
 
 
 def _local_done(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
@@ -245,7 +258,19 @@ def _local_done(s: TransferSession, d: InFlight, now: float, h: object, f: Failu
         raise _refuse(s, Event.HANDLE_DONE, "the local handle is already final")
     # Every transfer passes here: built directly, as ``attrs.evolve`` costs several times more.
     return InFlight(handle=d.handle, posted_at=d.posted_at, transfer_deadline=d.transfer_deadline,
-                    local_final=True, cancel_requested=d.cancel_requested)
+                    local_final=True, cancel_requested=d.cancel_requested,
+                    confirmed=d.confirmed)
+
+
+def _confirm(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
+    if s.role is not Role.SENDER:
+        raise _refuse(s, Event.CONFIRMED, "only a sender is confirmed by its receiver")
+    if d.confirmed:
+        raise _refuse(s, Event.CONFIRMED, "the receiver confirmed already")
+    # Every send passes here: built directly, as in ``_local_done``.
+    return InFlight(handle=d.handle, posted_at=d.posted_at, transfer_deadline=d.transfer_deadline,
+                    local_final=d.local_final, cancel_requested=d.cancel_requested,
+                    confirmed=True)
 
 
 def _local_failed(s: TransferSession, d: InFlight, now: float, h: object,
@@ -258,6 +283,8 @@ def _local_failed(s: TransferSession, d: InFlight, now: float, h: object,
 def _completed(s: TransferSession, d: InFlight, now: float, h: object, f: Failure | None) -> Any:
     if not d.local_final:
         raise _refuse(s, Event.COMPLETED, "the local handle is not final yet (apply HANDLE_DONE)")
+    if s.role is Role.SENDER and not d.confirmed:
+        raise _refuse(s, Event.COMPLETED, "the receiver has not confirmed (apply CONFIRMED)")
     return Complete(at=now)
 
 
@@ -295,9 +322,13 @@ def _expire_advertised(s: TransferSession, d: Advertised, now: float, h: object,
 
 def _expire_in_flight(s: TransferSession, d: InFlight, now: float, h: object,
                       f: Failure | None) -> Any:
-    _check_due(s, d.transfer_deadline, now)
+    _check_due(s, None if d.confirmed else d.transfer_deadline, now)
+    # A sender that posted and hears nothing from its receiver cannot know whether the
+    # receiver got every byte: its failure says the outcome is unknown.
+    unknown = s.role is Role.SENDER
     return Quarantined(handle=d.handle, since=now,
-                       failure=f or Failure(FailureReason.TRANSFER_TIMEOUT),
+                       failure=f or Failure(FailureReason.TRANSFER_TIMEOUT,
+                                            outcome_unknown=unknown),
                        local_final=d.local_final, cancel_requested=d.cancel_requested)
 
 
@@ -355,6 +386,7 @@ _BUILDERS: dict[tuple[State, Event], _Builder] = {
     (State.ADVERTISED, Event.ABORT): _abort_advertised,
     (State.IN_FLIGHT, Event.HANDLE_DONE): _local_done,
     (State.IN_FLIGHT, Event.HANDLE_FAILED): _local_failed,
+    (State.IN_FLIGHT, Event.CONFIRMED): _confirm,
     (State.IN_FLIGHT, Event.COMPLETED): _completed,
     (State.IN_FLIGHT, Event.CANCEL): _request_cancel,
     (State.IN_FLIGHT, Event.EXPIRE): _expire_in_flight,
@@ -408,6 +440,9 @@ class TransferSession:
     data: SessionData
     #: When the session was admitted (the start of ``TransferResult.seconds``).
     admitted_at: float = 0.0
+    #: A sender that posted waits this long past its transfer deadline for the receiver's
+    #: word (None: not at all).
+    confirm_grace_s: float | None = None
     _history: list[Transition] = attrs.field(factory=list)
 
     @classmethod
@@ -421,9 +456,12 @@ class TransferSession:
         *,
         queue_timeout_s: float | None = None,
         transfer_timeout_s: float | None = None,
+        confirm_grace_s: float | None = None,
     ) -> TransferSession:
         """A new ``QUEUED`` session. ``queue_timeout_s`` bounds the wait before advertise
-        (from now), ``transfer_timeout_s`` the transfer (from advertise); None = no bound."""
+        (from now), ``transfer_timeout_s`` the transfer (from advertise); None = no bound.
+        ``confirm_grace_s`` (senders) extends the transfer deadline once posted, for the
+        receiver's word (see the table's theory of operation)."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidArgumentError("request_id", request_id, "a non-empty str")
         if not isinstance(role, Role):
@@ -433,6 +471,7 @@ class TransferSession:
         now = _check_time("now", now)
         queue_timeout = _check_timeout("queue_timeout_s", queue_timeout_s)
         transfer_timeout = _check_timeout("transfer_timeout_s", transfer_timeout_s)
+        confirm_grace = _check_timeout("confirm_grace_s", confirm_grace_s)
         deadline = None if queue_timeout is None else now + queue_timeout
         return cls(
             request_id=request_id,
@@ -443,6 +482,7 @@ class TransferSession:
             transfer_timeout_s=transfer_timeout,
             data=Queued(admitted_at=now, queue_deadline=deadline),
             admitted_at=now,
+            confirm_grace_s=confirm_grace,
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -475,6 +515,12 @@ class TransferSession:
         return bool(getattr(self.data, "local_final", False))
 
     @property
+    def confirmed(self) -> bool:
+        """A sender's receiver confirmed that every byte landed (``IN_FLIGHT`` only: after
+        that the session completes or, in a TP group, fails with the group)."""
+        return bool(getattr(self.data, "confirmed", False))
+
+    @property
     def cancel_requested(self) -> bool:
         return bool(getattr(self.data, "cancel_requested", False))
 
@@ -496,7 +542,9 @@ class TransferSession:
         # Exact types (the per-state classes are final; ``state`` dispatches on type too).
         if type(data) is Queued:
             return data.queue_deadline
-        if type(data) is Advertised or type(data) is InFlight:
+        if type(data) is InFlight:
+            return None if data.confirmed else data.transfer_deadline
+        if type(data) is Advertised:
             return data.transfer_deadline
         return None
 
@@ -512,6 +560,7 @@ class TransferSession:
             local_final=self.local_final,
             deadline=self.deadline,
             history=self.history,
+            confirmed=self.confirmed,
         )
 
     # --- changing --------------------------------------------------------------------------
@@ -524,6 +573,7 @@ class TransferSession:
         handle: object | None = None,
         reason: FailureReason | str | None = None,
         detail: str | None = None,
+        outcome_unknown: bool = False,
     ) -> tuple[Transition, ...]:
         """Apply ``event`` at time ``now`` and return the transitions made (one, or two when
         the new state at once fires ``QUIESCED``), each appended to ``history``.
@@ -531,8 +581,10 @@ class TransferSession:
         ``handle`` is required with ``POSTED`` and refused elsewhere. ``reason`` (a
         ``FailureReason`` or its value) is required with ``ABORT`` and optional with
         ``HANDLE_FAILED`` (default ``transport_error``) and ``EXPIRE`` (default
-        ``queue_timeout`` / ``transfer_timeout``). An illegal event raises ``TransitionError``,
-        a bad argument ``InvalidArgumentError``; either way the session is unchanged.
+        ``queue_timeout`` / ``transfer_timeout``); ``outcome_unknown`` (with ``ABORT`` only)
+        marks a failure decided without the other side's word. An illegal event raises
+        ``TransitionError``, a bad argument ``InvalidArgumentError``; either way the session
+        is unchanged.
         """
         if type(event) is not Event:  # Event has members, so it has no subclasses
             raise InvalidArgumentError("event", event, "an Event member")
@@ -553,6 +605,9 @@ class TransferSession:
             raise InvalidArgumentError(
                 "handle", handle, "a handle with POSTED (and only with POSTED)"
             )
+        if outcome_unknown and event is not Event.ABORT:
+            raise InvalidArgumentError("outcome_unknown", outcome_unknown,
+                                       "outcome_unknown only with ABORT")
         failure = None
         if reason is None:
             if event in _NEEDS_REASON:
@@ -567,7 +622,7 @@ class TransferSession:
             if event not in _TAKES_REASON:
                 raise InvalidArgumentError("reason", reason, _REASON_EVENTS)
             try:
-                failure = Failure(FailureReason(reason), detail)
+                failure = Failure(FailureReason(reason), detail, bool(outcome_unknown))
             except ValueError:
                 raise InvalidArgumentError(
                     "reason", reason, "one of " + ", ".join(r.value for r in FailureReason)

@@ -104,6 +104,7 @@ class SessionTable:
         *,
         queue_timeout_s: float | None = None,
         transfer_timeout_s: float | None = None,
+        confirm_grace_s: float | None = None,
     ) -> TransferSession:
         """Add a ``QUEUED`` session; ``DuplicateSessionError`` if the id is already here."""
         if request_id in self._sessions:
@@ -111,6 +112,7 @@ class SessionTable:
         session = TransferSession.admit(
             request_id, role, peer, block_ids, now,
             queue_timeout_s=queue_timeout_s, transfer_timeout_s=transfer_timeout_s,
+            confirm_grace_s=confirm_grace_s,
         )
         self._sessions[request_id] = session
         self._counts[session.state] += 1
@@ -126,6 +128,7 @@ class SessionTable:
         handle: object | None = None,
         reason: FailureReason | str | None = None,
         detail: str | None = None,
+        outcome_unknown: bool = False,
     ) -> tuple[Transition, ...]:
         """``TransferSession.apply`` on the session of ``request_id``, keeping the indexes in
         step. Raises ``UnknownSessionError``, ``TransitionError`` or
@@ -134,7 +137,8 @@ class SessionTable:
         if session is None:
             raise UnknownSessionError(request_id)
         before, deadline_before = session.state, session.deadline
-        made = session.apply(event, now, handle=handle, reason=reason, detail=detail)
+        made = session.apply(event, now, handle=handle, reason=reason, detail=detail,
+                             outcome_unknown=outcome_unknown)
         self._moved(session, before, made[-1].to_state, deadline_before)
         return made
 

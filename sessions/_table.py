@@ -20,7 +20,12 @@ touch the session's memory*:
     may read or write the blocks until the handle reaches a final state. ``local_final`` says
     the handle is final while the group (a TP group, or the peer) has not yet agreed on the
     outcome: *quiescence* (is the memory ours again?) and *outcome* (did it work?) are
-    separate questions.
+    separate questions. A *sender*'s outcome is the receiver's: it completes only once the
+    receiver confirmed that every byte landed (``CONFIRMED``: the receiver's DONE), which may
+    come before or after its own handle is final. A confirmed sender has no deadline any more
+    (its outcome is decided, only quiescence is left); an unconfirmed one that posted waits
+    ``confirm_grace_s`` past its transfer deadline for the receiver's word, since the
+    receiver's own deadline (which runs from its advertise, earlier) decides first.
 ``QUARANTINED``
     The session has failed (deadline, peer failure, lapsed lease) and the error is surfaced to
     the caller at once, but its handle is not final: the handle and the blocks stay pinned.
@@ -81,6 +86,9 @@ class Event(enum.Enum):
     HANDLE_FAILED = "HANDLE_FAILED"
     #: Every rank's shard arrived (for a single rank: its own handle is done).
     COMPLETED = "COMPLETED"
+    #: The receiver confirmed that every byte landed and its side completed (its DONE): a
+    #: sender's outcome is success, whether or not its own handle is final yet.
+    CONFIRMED = "CONFIRMED"
     #: The host asked to cancel.
     CANCEL = "CANCEL"
     #: The current deadline passed (queue deadline in QUEUED, transfer deadline after).
@@ -116,6 +124,7 @@ class FailureReason(str, enum.Enum):
     LAYOUT_MISMATCH = "layout_mismatch"
     SIZE_MISMATCH = "size_mismatch"
     PROTOCOL_ERROR = "protocol_error"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
 
     def __str__(self) -> str:
         return self.value
@@ -142,7 +151,8 @@ TRANSITIONS: Mapping[State, Mapping[Event, State]] = MappingProxyType({
     _S.IN_FLIGHT: MappingProxyType({
         _E.HANDLE_DONE: _S.IN_FLIGHT,  # local_final; the outcome is still the group's
         _E.HANDLE_FAILED: _S.FAILED,
-        _E.COMPLETED: _S.COMPLETE,  # precondition: local_final
+        _E.CONFIRMED: _S.IN_FLIGHT,  # a sender's confirmed; the deadline goes
+        _E.COMPLETED: _S.COMPLETE,  # precondition: local_final (and a sender confirmed)
         _E.CANCEL: _S.IN_FLIGHT,  # cancel_requested; FAILED(cancelled) once quiescent
         _E.EXPIRE: _S.QUARANTINED,
         _E.ABORT: _S.QUARANTINED,

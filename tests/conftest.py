@@ -52,15 +52,17 @@ RunMPI = Callable[..., subprocess.CompletedProcess[str]]
 @pytest.fixture
 def run_mpi() -> RunMPI:
     """``run_mpi(n, "script.py", *args, timeout=60, check=True)`` runs a script from
-    tests/mpi_scripts under ``mpiexec -n n``. Every rank aborts the job on failure (see
-    _harness.py), and the whole process group is killed at the timeout."""
+    tests/mpi_scripts under ``mpiexec -n n`` (``launcher_args``: more mpiexec options, e.g.
+    ``["-disable-auto-cleanup"]``). Every rank aborts the job on failure (see _harness.py),
+    and the whole process group is killed at the timeout."""
     pytest.importorskip("mpi4py")
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found: install with `pip install kvhandoff[mpi]`")
 
     def run(n: int, script: str, *args: str, timeout: float = 60.0, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            env: dict[str, str] | None = None,
+            launcher_args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -68,7 +70,8 @@ def run_mpi() -> RunMPI:
         ).rstrip(os.pathsep)
         if env:
             full_env.update(env)
-        cmd = [mpiexec, "-n", str(n), sys.executable, str(MPI_SCRIPTS / script), *args]
+        cmd = [mpiexec, *launcher_args, "-n", str(n), sys.executable,
+               str(MPI_SCRIPTS / script), *args]
         result = _run_with_timeout(cmd, timeout, full_env)
         if check and result.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} exited {result.returncode}; output:\n{result.stdout}")

@@ -50,10 +50,11 @@ def _pool(rank: int) -> BlockPool:
 
 
 async def _scenario() -> None:
-    """Rank 0 sends "stuck" and "stuck-2" (handles wedged until released) and "cancelled"
-    (cancelled in flight by the receiver, rank 1). Both wedged sends time out and are
-    quarantined; two quarantines exceed the budget of 1, so rank 0 turns unhealthy, and
-    healthy again once the handles finish."""
+    """Rank 0 receives "stuck" and "stuck-2" (handles wedged until released) and sends
+    "cancelled" (cancelled in flight by the receiver, rank 1). Both wedged receives time out
+    and are quarantined; two quarantines exceed the budget of 1, so rank 0 turns unhealthy,
+    and healthy again once the handles finish. (A wedged *send* whose bytes landed is a
+    success since the receiver confirms: the receiving side is where a timeout quarantines.)"""
     clock = ManualClock()
     t0, t1 = loopback_group(2)
     h0 = HeldTransport(t0, held=[0, 1], cancellable=True)
@@ -66,10 +67,12 @@ async def _scenario() -> None:
         for rid in ("stuck", "stuck-2", "cancelled"):
             src, dst = p0.alloc(1, owner=rid), p1.alloc(1, owner=rid)
             blocks[rid] = (src, dst)
-            handles[rid] = e0.send(rid, src, 1)
+            if rid == "cancelled":
+                handles[rid] = e0.send(rid, src, 1)
+            else:
+                handles[rid] = e0.receive(rid, src, 1)
+                e1.send(rid, dst, 0)  # its bytes land; rank 0's handle never says so
             p0.free(src, owner=rid)  # deferred: logged as pool.deferred_free
-            if rid != "cancelled":
-                await e1.receive(rid, dst, 0).wait()
         e1.receive("cancelled", blocks["cancelled"][1], 0)
         await until(lambda: e1.session("cancelled").state.name == "IN_FLIGHT")
         assert e1.cancel("cancelled") is CancelResult.CANCEL_REQUESTED_IN_FLIGHT

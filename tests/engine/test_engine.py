@@ -161,26 +161,59 @@ async def test_engine_queue_timeout_raises_transfer_timeout() -> None:
 
 
 async def test_engine_transfer_timeout_quarantines_until_handle_final() -> None:
+    # The receiver's own receive is wedged (the bytes moved underneath, the handle never says
+    # so): it times out and quarantines; the sender, whose send finished, adopts its verdict.
+    clock = ManualClock()
+    async with engine_pair(fast_config(transfer_timeout_s=0.5), clock,
+                           wrap1=partial(HeldTransport, held=[0])) as pair:
+        e0, e1, p0, p1, h1 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t1
+        src, dst = p0.alloc(2, owner="t"), p1.alloc(2, owner="t")
+        hs = e0.send("t", src, 1)
+        hr = e1.receive("t", dst, 0)
+        await clock.advance(0.7)
+        with pytest.raises(TransferTimeout) as info:
+            await hr.wait()
+        assert info.value.reason == "transfer_timeout"
+        with pytest.raises(TransferTimeout) as sent:
+            await hs.wait()
+        assert sent.value.reason == "transfer_timeout" and not sent.value.outcome_unknown
+        assert e1.session("t").state is State.QUARANTINED
+        assert e1.stats().quarantines == 1
+        assert e1.cancel("t") is CancelResult.NOT_CANCELLABLE
+        p1.free(dst, owner="t")
+        assert p1.num_deferred == 2
+        h1.release(0)
+        await until(lambda: p1.num_deferred == 0)
+        assert e1.session("t").state is State.FAILED
+        p0.free(src, owner="t")
+
+
+async def test_engine_confirmed_sender_with_a_wedged_send_succeeds_and_keeps_blocks() -> None:
+    # The receiver has every byte and confirmed (DONE); only the sender's own send handle
+    # is wedged and cannot be cancelled. Before the outcome handshake the sender reported
+    # transfer_timeout while the receiver reported success. Now the outcome is success on
+    # both sides, the blocks stay pinned until the send is final, and the receiver, which
+    # is done and stops heartbeating, is not reported lost (lease 5 s, clock moved 8 s).
     clock = ManualClock()
     async with engine_pair(fast_config(transfer_timeout_s=0.5), clock,
                            wrap0=partial(HeldTransport, held=[0])) as pair:
         e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
         src, dst = p0.alloc(2, owner="t"), p1.alloc(2, owner="t")
+        expected = fill(p0, src, seed=3)
         hs = e0.send("t", src, 1)
         hr = e1.receive("t", dst, 0)
-        await hr.wait()  # the bytes moved; only the sender's handle is wedged
-        await clock.advance(0.7)
-        with pytest.raises(TransferTimeout) as info:
-            await hs.wait()
-        assert info.value.reason == "transfer_timeout"
-        assert e0.session("t").state is State.QUARANTINED
-        assert e0.stats().quarantines == 1
-        assert e0.cancel("t") is CancelResult.NOT_CANCELLABLE
+        await hr.wait()
+        assert same_kv(kv_of(p1, dst), expected)
+        result = await hs.wait()
+        assert result.nbytes == p0.block_nbytes * 2
+        await clock.advance(8.0)
+        assert e0.session("t").state is State.IN_FLIGHT and e0.session("t").confirmed
+        assert e0.session("t").deadline is None and e0.stats().quarantines == 0
         p0.free(src, owner="t")
-        assert p0.num_deferred == 2
+        assert p0.num_deferred == 2  # the send still reads them: never freed early
         h0.release(0)
         await until(lambda: p0.num_deferred == 0)
-        assert e0.session("t").state is State.FAILED
+        assert e0.session("t").state is State.COMPLETE
         p1.free(dst, owner="t")
 
 

@@ -32,21 +32,23 @@ pytestmark = pytest.mark.anyio
 async def test_engine_stuck_handle_quarantined_others_complete_blocks_held() -> None:
     clock = ManualClock()
     cfg = fast_config(transfer_timeout_s=1.0, quarantine_budget=1, progress_deadline_s=100.0)
-    # The first two sends never finish until released.
-    async with engine_pair(cfg, clock, wrap0=partial(HeldTransport, held=[0, 1]),
+    # The first two receives never finish until released (rank 1 plays the part of rank 0
+    # here: ``e0`` is the engine with the wedged handles).
+    async with engine_pair(cfg, clock, wrap1=partial(HeldTransport, held=[0, 1]),
                            num_blocks=64) as pair:
-        e0, e1, p0, p1, h0 = pair.e0, pair.e1, pair.p0, pair.p1, pair.t0
+        e0, e1, p0, p1, h0 = pair.e1, pair.e0, pair.p1, pair.p0, pair.t1
         stuck = {}
         for rid in ("stuck-a", "stuck-b"):
             src, dst = p0.alloc(2, owner=rid), p1.alloc(2, owner=rid)
-            stuck[rid] = (e0.send(rid, src, 1), src, dst)
-            await e1.receive(rid, dst, 0).wait()
+            stuck[rid] = (e0.receive(rid, src, 0), src, dst)
+            e1.send(rid, dst, 1)  # its bytes move; rank 1's receive never says so
+            await until(lambda rid=rid: e1.session(rid).local_final)
         # The loop keeps serving other transfers while two handles are wedged.
         for i in range(10):
             rid = f"ok-{i}"
             src, dst = p0.alloc(1, owner=rid), p1.alloc(1, owner=rid)
             expected = fill(p0, src, seed=i)
-            hs, hr = e0.send(rid, src, 1), e1.receive(rid, dst, 0)
+            hs, hr = e0.send(rid, src, 0), e1.receive(rid, dst, 1)
             await hs.wait()
             await hr.wait()
             assert same_kv(kv_of(p1, dst), expected)
@@ -59,7 +61,7 @@ async def test_engine_stuck_handle_quarantined_others_complete_blocks_held() -> 
             with pytest.raises(TransferTimeout):
                 await handle.wait()
             assert e0.session(rid).state is State.QUARANTINED
-            p0.free(src, owner=rid)  # deferred: the transport may still read them
+            p0.free(src, owner=rid)  # deferred: the transport may still write them
         health = e0.health()
         assert not health.healthy and health.reason == "quarantine_budget_exceeded"
         assert health.quarantined == 2

@@ -6,7 +6,16 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-from engine_support import HeldTransport, engine_pair, fast_config, ticks, until
+from engine_support import (
+    HeldTransport,
+    engine_pair,
+    fast_config,
+    fill,
+    kv_of,
+    same_kv,
+    ticks,
+    until,
+)
 from kvhandoff.engine import TransferCancelled, TransferFailed
 from kvhandoff.engine.transports import Fault, FaultyTransport
 from kvhandoff.sessions import CancelResult, State
@@ -76,7 +85,8 @@ async def test_engine_layerwise_wedged_layer_aborts_at_the_transfer_deadline() -
 
 
 async def test_engine_layerwise_failed_layer_fails_transfer_after_all_final() -> None:
-    async with engine_pair(wrap0=partial(FaultyTransport, seed=3, faults={1: Fault.ERROR}),
+    # A layer's receive fails on the receiver: both sides fail with the same reason.
+    async with engine_pair(wrap1=partial(FaultyTransport, seed=3, faults={1: Fault.ERROR}),
                            num_layers=LAYERS) as pair:
         e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(2, owner="e"), p1.alloc(2, owner="e")
@@ -84,12 +94,35 @@ async def test_engine_layerwise_failed_layer_fails_transfer_after_all_final() ->
         hr = e1.receive("e", dst, 0, layerwise=True)
         for layer in range(LAYERS):
             hs.layer_ready(layer)
-        with pytest.raises(TransferFailed) as info:
-            await hs.wait()
-        assert info.value.reason == "transport_error"
-        with pytest.raises(TransferFailed):
+        with pytest.raises(TransferFailed) as got:
             await hr.wait()
+        with pytest.raises(TransferFailed) as sent:
+            await hs.wait()
+        assert got.value.reason == sent.value.reason == "transport_error"
         await until(lambda: not p0.pinned_by("e") and not p1.pinned_by("e"))
+        p0.free(src, owner="e")
+        p1.free(dst, owner="e")
+
+
+async def test_engine_layerwise_sender_error_after_the_bytes_landed_is_success() -> None:
+    # The sender's transport reports a layer's send failed although its bytes arrived (a
+    # link failing after the data moved). Before the outcome handshake the sender failed
+    # while the receiver completed; now the receiver, which sees every byte land, decides,
+    # and both sides report success.
+    async with engine_pair(wrap0=partial(FaultyTransport, seed=3, faults={1: Fault.ERROR}),
+                           num_layers=LAYERS) as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
+        src, dst = p0.alloc(2, owner="e"), p1.alloc(2, owner="e")
+        expected = fill(p0, src, seed=5)
+        hs = e0.send("e", src, 1, layerwise=True)
+        hr = e1.receive("e", dst, 0, layerwise=True)
+        for layer in range(LAYERS):
+            hs.layer_ready(layer)
+        await hr.wait()
+        await hs.wait()
+        assert same_kv(kv_of(p1, dst), expected)
+        await until(lambda: not p0.pinned_by("e") and not p1.pinned_by("e"))
+        assert e0.session("e").state is e1.session("e").state is State.COMPLETE
         p0.free(src, owner="e")
         p1.free(dst, owner="e")
 

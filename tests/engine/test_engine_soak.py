@@ -1,12 +1,17 @@
 """Soak: 10k transfers (one in ten layer-wise) between two engines with 1% random faults
 (errors and stuck handles, both directions). Every request ends (no hang), every block comes
-back (no leak), and no block was freed while a transport could still write it (the debug
-pool poisons free blocks and checks the poison on every alloc, so an early free shows up as
-a PoisonError)."""
+back (no leak), no block was freed while a transport could still write it (the debug pool
+poisons free blocks and checks the poison on every alloc, so an early free shows up as a
+PoisonError), and both sides agree on every outcome: no transfer ends success on one side
+and failure on the other (*split*), with the same reason on both sides when it failed.
+Before the outcome handshake (DONE) about 1.6% of transfers ended split; the figure is
+printed (``-s``) and asserted to be 0."""
 
 from __future__ import annotations
 
+import collections
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
@@ -31,6 +36,19 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
     faulty = partial(FaultyTransport, error_rate=0.005, stuck_rate=0.005)
     outcomes = {"ok": 0, "failed": 0}
     wrong: list[str] = []
+    split: list[tuple[str, str, str]] = []  # (request, sender's outcome, receiver's)
+    other_reason: list[tuple[str, str, str]] = []
+    unknown = 0
+    reasons: collections.Counter[str] = collections.Counter()  # (side: reason) of failures
+
+    async def outcome(handle: Any) -> str:
+        nonlocal unknown
+        try:
+            await handle.wait()
+        except TransferError as exc:
+            unknown += exc.outcome_unknown
+            return str(exc.reason)
+        return "ok"
 
     async def worker(pair: EnginePair, w: int) -> None:
         e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
@@ -47,10 +65,14 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
             if layerwise:
                 for layer in reversed(range(NUM_LAYERS)):
                     hs.layer_ready(layer)
-            try:
-                await hs.wait()
-                await hr.wait()
-            except TransferError:
+            sent, got = await outcome(hs), await outcome(hr)
+            reasons.update(f"{side}: {why}" for side, why in (("sender", sent), ("receiver", got))
+                           if why != "ok")
+            if (sent == "ok") != (got == "ok"):
+                split.append((rid, sent, got))
+            elif sent != got:
+                other_reason.append((rid, sent, got))
+            if got != "ok" or sent != "ok":
                 outcomes["failed"] += 1
                 await until(lambda rid=rid: not p1.pinned_by(rid), timeout=10.0)
             else:
@@ -69,6 +91,12 @@ async def test_engine_soak_10k_sessions_with_faults_no_leak_no_early_free() -> N
             await until(lambda: p0.num_free == p0.num_blocks and p1.num_free == p1.num_blocks,
                         timeout=10.0)
             stats0, stats1 = pair.e0.stats(), pair.e1.stats()
+    print(f"\nsoak: {SESSIONS} transfers, {outcomes['failed']} failed, split outcomes: "
+          f"{len(split)}, same outcome other reason: {len(other_reason)}, outcome unknown: "
+          f"{unknown}; failures by side and reason: {dict(sorted(reasons.items()))}")
+    assert not split, split[:10]
+    assert not other_reason, other_reason[:10]
+    assert unknown == 0  # nobody was lost: every side learned the other's outcome
     assert not wrong
     assert outcomes["ok"] + outcomes["failed"] == SESSIONS
     injected = sum(pair.t0.injected[k] + pair.t1.injected[k] for k in (Fault.ERROR, Fault.STUCK))

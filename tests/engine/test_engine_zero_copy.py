@@ -75,7 +75,6 @@ async def test_staged_pieces_move_on_the_chunks_tag_and_scatter_as_they_land(
         assert [(kind, nbytes) for kind, _, nbytes in held.posts] == \
             [("recv", half * BLOCK_NBYTES), ("recv", (blocks - half) * BLOCK_NBYTES)]
         assert len({tag for _, tag, _ in held.posts}) == 1  # both pieces on the chunk's tag
-        await hs.wait()
 
         def landed(part: slice) -> bool:
             return all(torch.equal(layer[dst[part]], want[part])
@@ -85,6 +84,7 @@ async def test_staged_pieces_move_on_the_chunks_tag_and_scatter_as_they_land(
         assert not hr.done and not landed(slice(half, blocks))
         held.release(1)
         await hr.wait()
+        await hs.wait()  # the sender completes on the receiver's DONE
         assert landed(slice(0, blocks))
         await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
         p0.free(src, owner="r")
@@ -238,3 +238,38 @@ def test_zero_copy_faults_keep_blocks_pinned_over_mpi(run_mpi: RunMPI) -> None:
     result = run_mpi(2, "engine_mpi_zero_copy.py", "faults", timeout=240)
     for rank in range(2):
         assert f"rank {rank} zero-copy faults OK" in result.stdout, result.stdout
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+@pytest.mark.parametrize(("sender_path", "receiver_path"),
+                         [(0, STAGED), (STAGED, 0), (0, 0)],
+                         ids=["region-to-staged", "staged-to-region", "region-to-region"])
+async def test_checksum_agrees_whichever_path_each_side_takes(
+        sender_path: int, receiver_path: int, layerwise: bool) -> None:
+    """The optional checksum names the bytes in wire order, piece by piece, so a sender and
+    a receiver on different paths (staging buffer or blocks in place) compute the same one,
+    for transfers of several pieces."""
+    blocks = 2 * PIECE_BYTES // BLOCK_NBYTES + 16
+    if layerwise:
+        blocks = 2 * PIECE_BYTES // (BLOCK_NBYTES // 2)
+    t0, t1 = loopback_group(2)
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, t0, config=fast_config(region_min_bytes=sender_path,
+                                                   checksum=True))
+    e1 = TransferEngine(p1, t1, config=fast_config(region_min_bytes=receiver_path,
+                                                   checksum=True))
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="r"), p1.alloc(blocks, owner="r")[::-1]
+        expected = fill(p0, src, seed=5)
+        hr = e1.receive("r", dst, 0, layerwise=layerwise)
+        hs = e0.send("r", src, 1, layerwise=layerwise)
+        if layerwise:
+            for layer in range(LAYOUT[0]):
+                hs.layer_ready(layer)
+        await hr.wait()
+        await hs.wait()
+        for layer, want in zip(p1.layers, expected, strict=True):
+            assert torch.equal(layer[dst], want)
+        assert e0.stats().staging_allocations == (0 if sender_path == 0 else 1)
+        assert e1.stats().staging_allocations == (0 if receiver_path == 0 else 1)

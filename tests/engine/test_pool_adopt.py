@@ -6,7 +6,6 @@ them (held and faulty transports, a host-side poison guard)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytest
@@ -253,9 +252,9 @@ async def _poll(alloc: HostAllocator, engine: TransferEngine, n: int = 30) -> No
 
 @pytest.mark.anyio
 async def test_host_owned_nothing_reported_while_a_send_is_wedged() -> None:
-    """The sender's operation cannot finish or be cancelled: the transfer times out and is
-    quarantined, the host learns of the failure at once, but the request is reported safe
-    only once the operation is final."""
+    """The sender's operation cannot finish or be cancelled, though its bytes landed: the
+    receiver's DONE makes the outcome success at once, but the request is reported safe
+    only once the sender's operation is final."""
     t0, t1 = loopback_group(2)
     h0 = HeldTransport(t0, held=[0])
     p0 = BlockPool.from_tensors(host_tensors("vllm-NHD", dtype=torch.float32, seed=2),
@@ -268,12 +267,8 @@ async def test_host_owned_nothing_reported_while_a_send_is_wedged() -> None:
     async with running(e0, e1):
         src, dst = a0.alloc("w", 2), a1.alloc("w", 2)
         hs, hr = e0.send("w", src, 1), e1.receive("w", dst, 0)
-        with pytest.raises(TransferTimeout):
-            await hs.wait()
-        # The receiver's own operation may have completed (the bytes moved; only the
-        # sender's report is held): either outcome, its blocks are its own business.
-        with contextlib.suppress(TransferTimeout, TransferFailed, TransferCancelled):
-            await hr.wait()
+        await hr.wait()  # the bytes moved; only the sender's report is held
+        await hs.wait()  # the receiver's DONE decides the outcome
         await _poll(a0, e0)
         assert a0.reported == [] and p0.pinned_by("w") == frozenset(src)
         # Meanwhile another request moves and is reported once done.
@@ -331,16 +326,17 @@ async def test_host_owned_receiver_reported_only_after_the_blocks_are_written() 
 
 @pytest.mark.anyio
 async def test_host_owned_faulty_transport_reports_each_request_once_after_quiescence() -> None:
-    """Injected errors and delays on the sender: every request is reported exactly once,
-    failed or not, and only after its transfer released its pins."""
+    """Injected errors and delays on the receiver (whose word decides the outcome): every
+    request is reported exactly once on each side, failed or not, and only after its
+    transfer released its pins."""
     t0, t1 = loopback_group(2)
     faults = {1: Fault.ERROR, 3: Fault.ERROR}
-    f0 = FaultyTransport(t0, seed=7, delay_rate=1.0, delay_polls=3, faults=faults)
+    f1 = FaultyTransport(t1, seed=7, delay_rate=1.0, delay_polls=3, faults=faults)
     p0 = BlockPool.from_tensors(host_tensors("flat-NHD", dtype=torch.float32, num_blocks=32),
                                 host_owned=True)
     p1 = BlockPool.from_tensors(host_tensors("flat-NHD", dtype=torch.float32, num_blocks=32),
                                 host_owned=True)
-    e0, e1 = TransferEngine(p0, f0, config=fast_config()), TransferEngine(p1, t1,
+    e0, e1 = TransferEngine(p0, t0, config=fast_config()), TransferEngine(p1, f1,
                                                                         config=fast_config())
     a0, a1 = HostAllocator(p0), HostAllocator(p1)
     outcomes: dict[str, bool] = {}

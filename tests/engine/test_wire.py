@@ -43,6 +43,8 @@ SAMPLES = [
     Advertise("req-1", 4, 4 * 65536, FP, 17),
     Advertise("é-長い-id", 2**24, 2**40, 2**64 - 1, 2**31 - 64, 64),
     Accept("req-1", 17),
+    Accept("req-1", 17, 2**32 - 1),
+    Advertise("req-5", 4, 4 * 65536, FP, 17, want_checksum=True),
     Cancel("req-1"),
     Cancel("req-2", FailReason.TIMEOUT, "queue deadline"),
     Fail("req-3", FailReason.SIZE_MISMATCH, "total bytes: receiver 10, sender 20"),
@@ -53,13 +55,15 @@ SAMPLES = [
 ]
 
 
-def _raw(kind: int, body: bytes, *, magic: bytes = wire.MAGIC, version: int = 1) -> bytes:
+def _raw(kind: int, body: bytes, *, magic: bytes = wire.MAGIC,
+         version: int = wire.WIRE_VERSION) -> bytes:
     return struct.pack("!4sBBH", magic, version, kind, len(body)) + body
 
 
 def _advertise_raw(block_count: int, total_bytes: int, *, tag: int = 5, chunks: int = 1,
-                   rid: bytes = b"req") -> bytes:
-    body = struct.pack("!IQQIIH", block_count, total_bytes, 99, tag, chunks, len(rid)) + rid
+                   rid: bytes = b"req", flags: int = 0) -> bytes:
+    body = struct.pack("!IQQIIBH", block_count, total_bytes, 99, tag, chunks, flags,
+                       len(rid)) + rid
     return _raw(wire.MessageKind.ADVERTISE, body)
 
 
@@ -112,11 +116,23 @@ def test_wire_bad_magic_rejected() -> None:
 
 
 def test_wire_wrong_version_rejected() -> None:
-    data = bytearray(encode(Done("x")))
-    data[4] = 2
-    with pytest.raises(UnsupportedVersionError) as info:
-        decode(bytes(data))
-    assert (info.value.version, info.value.supported) == (2, wire.WIRE_VERSION)
+    for version in (1, wire.WIRE_VERSION + 1):  # 1: before the outcome handshake's fields
+        data = bytearray(encode(Done("x")))
+        data[4] = version
+        with pytest.raises(UnsupportedVersionError) as info:
+            decode(bytes(data))
+        assert (info.value.version, info.value.supported) == (version, wire.WIRE_VERSION)
+
+
+def test_wire_unknown_advertise_flags_rejected() -> None:
+    assert decode(_advertise_raw(1, 16, flags=1)) == Advertise("req", 1, 16, 99, 5, 1, True)
+    with pytest.raises(FieldRangeError) as info:
+        decode(_advertise_raw(1, 16, flags=2))
+    assert info.value.field == "flags"
+    with pytest.raises(FieldRangeError):
+        Advertise("req", 1, 16, 99, 5, 1, 1)  # type: ignore[arg-type]  # a bool, not an int
+    with pytest.raises(FieldRangeError):
+        Accept("req", 1, 2**32)
 
 
 def test_wire_unknown_kind_rejected() -> None:

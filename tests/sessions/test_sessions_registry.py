@@ -41,6 +41,7 @@ def drive(table: SessionTable, rid: str, state: State, now: float = 1.0) -> None
         table.apply(rid, Event.HANDLE_FAILED, now)
     elif state is State.COMPLETE:
         table.apply(rid, Event.HANDLE_DONE, now)
+        table.apply(rid, Event.CONFIRMED, now)  # a sender completes on its receiver's word
         table.apply(rid, Event.COMPLETED, now)
 
 
@@ -122,6 +123,8 @@ def test_table_counts_follow_every_transition() -> None:
     assert table.counts() == {state: 1 for state in State}
     assert table.in_flight == 2 and table.quarantined == 1
     table.apply("r2", Event.HANDLE_DONE, 5.0)  # r2 is IN_FLIGHT: self-transition
+    assert table.count(State.IN_FLIGHT) == 1
+    table.apply("r2", Event.CONFIRMED, 5.0)  # the receiver's DONE: still IN_FLIGHT
     assert table.count(State.IN_FLIGHT) == 1
     table.apply("r2", Event.COMPLETED, 5.0)
     assert table.count(State.IN_FLIGHT) == 0 and table.count(State.COMPLETE) == 2

@@ -73,11 +73,13 @@ def test_session_history_records_time_from_to_event() -> None:
     s.apply(Event.ADVERTISE, 101.0)
     s.apply(Event.POSTED, 102.0, handle="h")
     s.apply(Event.HANDLE_DONE, 103.0)
+    s.apply(Event.CONFIRMED, 103.5)
     s.apply(Event.COMPLETED, 104.0)
     assert [(t.at, t.from_state, t.to_state, t.event) for t in s.history] == [
         (101.0, State.QUEUED, State.ADVERTISED, Event.ADVERTISE),
         (102.0, State.ADVERTISED, State.IN_FLIGHT, Event.POSTED),
         (103.0, State.IN_FLIGHT, State.IN_FLIGHT, Event.HANDLE_DONE),
+        (103.5, State.IN_FLIGHT, State.IN_FLIGHT, Event.CONFIRMED),
         (104.0, State.IN_FLIGHT, State.COMPLETE, Event.COMPLETED),
     ]
     assert s.data == Complete(at=104.0) and s.is_terminal and s.handle is None
@@ -140,7 +142,8 @@ def test_session_transfer_expiry_quarantines_in_flight_and_keeps_handle() -> Non
     s.apply(Event.POSTED, 102.0, handle="h")
     s.apply(Event.EXPIRE, 121.0)
     assert s.state is State.QUARANTINED and s.handle == "h"
-    assert s.failure == Failure(FailureReason.TRANSFER_TIMEOUT)
+    # A sender that posted and never heard from its receiver: it cannot know the outcome.
+    assert s.failure == Failure(FailureReason.TRANSFER_TIMEOUT, outcome_unknown=True)
     s.apply(Event.HANDLE_DONE, 200.0)
     assert s.state is State.FAILED and s.handle is None
 
@@ -240,7 +243,70 @@ def test_session_errors_pickle_with_their_attributes() -> None:
 def test_failure_reason_values_are_the_wire_vocabulary() -> None:
     assert {r.value for r in FailureReason} == {
         "queue_timeout", "transfer_timeout", "transport_error", "peer_lost", "peer_failed",
-        "cancelled", "layout_mismatch", "size_mismatch", "protocol_error",
+        "cancelled", "layout_mismatch", "size_mismatch", "protocol_error", "checksum_mismatch",
     }
     assert Failure("peer_lost").reason is FailureReason.PEER_LOST
     assert str(FailureReason.CANCELLED) == "cancelled"
+
+
+def test_session_sender_completes_only_once_confirmed_in_either_order() -> None:
+    for order in ((Event.HANDLE_DONE, Event.CONFIRMED), (Event.CONFIRMED, Event.HANDLE_DONE)):
+        s = admit()
+        s.apply(Event.ADVERTISE, 101.0)
+        s.apply(Event.POSTED, 102.0, handle="h")
+        s.apply(order[0], 103.0)
+        with pytest.raises(TransitionError):
+            s.apply(Event.COMPLETED, 103.5)  # the receiver's word, or the handle, is missing
+        assert s.state is State.IN_FLIGHT
+        s.apply(order[1], 104.0)
+        assert s.confirmed and s.local_final
+        s.apply(Event.COMPLETED, 105.0)
+        assert s.state is State.COMPLETE
+
+
+def test_session_confirmed_sender_has_no_deadline_and_confirms_once() -> None:
+    s = admit()
+    s.apply(Event.ADVERTISE, 101.0)
+    s.apply(Event.POSTED, 102.0, handle="h")
+    assert s.deadline == 121.0
+    s.apply(Event.CONFIRMED, 103.0)
+    assert s.deadline is None and s.snapshot().confirmed
+    with pytest.raises(TransitionError):
+        s.apply(Event.EXPIRE, 1e9)  # the outcome is decided: only quiescence is left
+    with pytest.raises(TransitionError):
+        s.apply(Event.CONFIRMED, 104.0)
+    assert s.state is State.IN_FLIGHT and not s.local_final
+
+
+def test_session_receiver_is_never_confirmed() -> None:
+    s = TransferSession.admit("r", Role.RECEIVER, 1, [7], 100.0)
+    s.apply(Event.ADVERTISE, 101.0)
+    s.apply(Event.POSTED, 102.0, handle="h")
+    with pytest.raises(TransitionError):
+        s.apply(Event.CONFIRMED, 103.0)
+    s.apply(Event.HANDLE_DONE, 103.0)
+    s.apply(Event.COMPLETED, 104.0)  # a receiver's outcome is its own
+    assert s.state is State.COMPLETE
+
+
+def test_session_posted_sender_waits_the_confirm_grace_past_its_deadline() -> None:
+    s = admit(confirm_grace_s=5.0)
+    s.apply(Event.ADVERTISE, 101.0)
+    assert s.deadline == 121.0  # nothing posted yet: nothing can have moved
+    s.apply(Event.POSTED, 102.0, handle="h")
+    assert s.deadline == 126.0
+    r = TransferSession.admit("r", Role.RECEIVER, 1, [7], 100.0, transfer_timeout_s=20.0,
+                              confirm_grace_s=5.0)
+    r.apply(Event.ADVERTISE, 101.0)
+    r.apply(Event.POSTED, 101.0, handle="h")
+    assert r.deadline == 121.0  # the receiver decides: no grace
+
+
+def test_session_outcome_unknown_travels_with_abort_only() -> None:
+    s = admit()
+    s.apply(Event.ADVERTISE, 101.0)
+    s.apply(Event.POSTED, 102.0, handle="h")
+    with pytest.raises(InvalidArgumentError):
+        s.apply(Event.HANDLE_FAILED, 103.0, reason="transport_error", outcome_unknown=True)
+    s.apply(Event.ABORT, 103.0, reason="peer_lost", outcome_unknown=True)
+    assert s.failure == Failure(FailureReason.PEER_LOST, outcome_unknown=True)

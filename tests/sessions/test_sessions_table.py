@@ -26,10 +26,11 @@ class Handle:
     """An opaque transport handle: sessions never call it."""
 
 
-def build(state: State, *, local_final: bool = False) -> TransferSession:
+def build(state: State, *, local_final: bool = False,
+          role: Role = Role.RECEIVER) -> TransferSession:
     """A session in ``state``; IN_FLIGHT / QUARANTINED ones hold a pending handle unless
     ``local_final``."""
-    s = TransferSession.admit("req", Role.RECEIVER, 3, [4, 5], 0.0,
+    s = TransferSession.admit("req", role, 3, [4, 5], 0.0,
                               queue_timeout_s=QUEUE_TIMEOUT, transfer_timeout_s=TRANSFER_TIMEOUT)
     if state is State.QUEUED:
         return s
@@ -66,9 +67,12 @@ LEGAL = [(s, e) for s, e in ALL_PAIRS if e in TRANSITIONS[s]]
 ILLEGAL = [(s, e) for s, e in ALL_PAIRS if e not in TRANSITIONS[s]]
 # Legal in the table but guarded by a precondition on the session's data.
 NEEDS_LOCAL_FINAL = {(State.IN_FLIGHT, Event.COMPLETED)}
+# ``build`` makes receivers, and only a sender is confirmed by its peer.
+NEEDS_SENDER = {(State.IN_FLIGHT, Event.CONFIRMED)}
 STATE_TRIGGERED = {(State.IN_FLIGHT, Event.QUIESCED), (State.QUARANTINED, Event.QUIESCED)}
 GUARDED = [
     (State.IN_FLIGHT, Event.COMPLETED),
+    (State.IN_FLIGHT, Event.CONFIRMED),
     (State.IN_FLIGHT, Event.QUIESCED),
     (State.QUARANTINED, Event.QUIESCED),
 ]
@@ -89,7 +93,7 @@ def test_table_guarded_pairs_are_the_legal_pairs_a_fresh_session_refuses() -> No
             assert session.data is data and session.history == history
             refused.add((state, event))
     assert refused == set(GUARDED)
-    assert set(GUARDED) == NEEDS_LOCAL_FINAL | STATE_TRIGGERED
+    assert set(GUARDED) == NEEDS_LOCAL_FINAL | NEEDS_SENDER | STATE_TRIGGERED
     assert set(GUARDED) <= set(LEGAL)
     # The state-triggered pairs are exactly the table's QUIESCED entries.
     assert {(s, e) for s, e in LEGAL if e is Event.QUIESCED} == STATE_TRIGGERED
@@ -139,7 +143,8 @@ def test_table_illegal_pair_raises_and_leaves_session_unchanged(state: State, ev
 @pytest.mark.parametrize(("state", "event"), [p for p in LEGAL if p not in STATE_TRIGGERED],
                          ids=lambda x: x.name)
 def test_table_legal_pair_moves_to_the_table_target(state: State, event: Event) -> None:
-    session = build(state, local_final=(state, event) in NEEDS_LOCAL_FINAL)
+    session = build(state, local_final=(state, event) in NEEDS_LOCAL_FINAL,
+                    role=Role.SENDER if (state, event) in NEEDS_SENDER else Role.RECEIVER)
     made = session.apply(event, LATE, **arguments(event))  # type: ignore[arg-type]
     first = made[0]
     assert (first.from_state, first.event, first.to_state) == (

@@ -184,7 +184,14 @@ class SessionsAndPool(RuleBasedStateMachine):
         ready = sorted(s.request_id for s in self.table
                        if s.state is State.IN_FLIGHT and s.local_final)
         request_id = data.draw(st.sampled_from(ready))
+        self.confirm(request_id)
         self.table.apply(request_id, Event.COMPLETED, self.now)
+
+    def confirm(self, request_id: str) -> None:
+        """A sender completes only on its receiver's word (DONE)."""
+        session = self.table.get(request_id)
+        if session.role is Role.SENDER and not session.confirmed:
+            self.table.apply(request_id, Event.CONFIRMED, self.now)
 
     @precondition(lambda self: len(self.table) > 0)
     @rule(data=st.data(), reason=FAILURE_REASONS)
@@ -335,6 +342,7 @@ class SessionsAndPool(RuleBasedStateMachine):
             if session.state in (State.IN_FLIGHT, State.QUARANTINED) and not session.local_final:
                 self.table.apply(request_id, Event.HANDLE_DONE, self.now)
             if session.state is State.IN_FLIGHT:
+                self.confirm(request_id)
                 self.table.apply(request_id, Event.COMPLETED, self.now)
             assert session.is_terminal
         self.release()

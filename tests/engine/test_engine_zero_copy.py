@@ -136,7 +136,7 @@ async def test_region_receive_freed_mid_transfer_is_written_only_while_pinned() 
     """The receiver's host frees its blocks while the region receive waits for a late
     sender: the free is deferred, no allocation hands them out, the late bytes land in the
     still-pinned blocks, and only then do they come back, poisoned."""
-    async with engine_pair(num_blocks=16) as pair:
+    async with engine_pair(fast_config(region_min_bytes=0), num_blocks=16) as pair:
         e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         assert pair.t1.moves_regions
         src, dst = p0.alloc(4, owner="late"), p1.alloc(4, owner="late")

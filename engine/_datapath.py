@@ -74,6 +74,8 @@ class DataPath:
         self._num_layers = pool.num_layers
         # The region path: offered by the transport, for regions of at least this average.
         self._moves_regions = self._transport.moves_regions
+        # One-sided (NIXL): a receive is final only on the peer's word (``retract``).
+        self._one_sided = self._transport.one_sided
         min_bytes = engine.config.region_min_bytes
         self._region_min_bytes = (self._transport.region_min_bytes if min_bytes is None
                                   else min_bytes)
@@ -351,12 +353,16 @@ class DataPath:
             return
         if transfer.wind_down is WindDown.ABORT:
             transfer.expected = transfer.posted
-            for op in transfer.ops:
-                if op is not None and not op.final:
-                    op.cancel()
+            self._stop_pending(transfer)
         elif transfer.wind_down is WindDown.NONE:
             transfer.wind_down = WindDown.COMPLETE
-            if transfer.role is Role.SENDER and transfer.posted:
+            if self._one_sided:
+                # Nothing needs completing: a receiver's memory is freed by the peer's word,
+                # not by a matching send. Post nothing more, cancel the sends still waiting
+                # for an advertisement, retract the advertisements; posted WRITEs run on.
+                transfer.expected = transfer.posted
+                self._stop_pending(transfer)
+            elif transfer.role is Role.SENDER and transfer.posted:
                 ops, pieces = transfer.ops, transfer.pieces
                 for chunk in range(transfer.num_chunks):
                     if None in ops[chunk * pieces:(chunk + 1) * pieces]:
@@ -369,6 +375,14 @@ class DataPath:
         if transfer.quiescent_ops and transfer.posted and \
                 session.allows(Event.HANDLE_DONE) and not session.local_final:
             self._local_final(transfer, now)
+
+    def _stop_pending(self, transfer: Transfer) -> None:
+        """Cancel each pending operation; a one-sided receive, which only its peer can end,
+        is retracted instead. Neither makes an operation final here: its memory stays in use
+        until the transport says it is (see ``on_op_final``)."""
+        for op in transfer.ops:
+            if op is not None and not op.final and not op.cancel() and self._one_sided:
+                op.retract()
 
     def abort_due(self, now: float) -> bool:
         """Completing wind-downs whose transfer deadline passed: abort them (and tell the

@@ -30,6 +30,17 @@ cancel a posted send: a receiver that cancelled its receives would leave the sen
 pinned for good. A completing transfer still aborts at the transfer deadline, so a wedged
 transport cannot hold its blocks forever unless the transport itself can neither finish nor
 cancel the operation, which health then reports.
+
+One-sided transports (``Transport.one_sided``: NIXL). A receive there is memory the peer may
+write at any time until the peer says it is done with it; nothing the receiver does locally
+ends it (``cancel()`` is False), and there is nothing to complete, because no posted send
+waits for a matching receive. So both wind-downs do the same: post nothing more, cancel the
+sends still waiting for an advertisement, and ``retract()`` each pending receive, which stays
+pending (its blocks pinned) until the peer answers: DONE if its WRITE had landed, FAILED
+"cancelled" if it never wrote, or "peer lost" once the transport's fencing grace has passed.
+A posted WRITE is never cancelled and runs to NIXL's final status, so a sender past its
+deadline stays quarantined until then. A chunk moves as one operation there (no pieces: the
+region path has no gather or scatter to overlap).
 """
 
 from __future__ import annotations
@@ -118,7 +129,12 @@ class DataPath:
         """Choose the operations of a transfer (its pieces) and this side's path."""
         ids = transfer.block_ids
         blocks = len(ids)
-        pieces = max(1, min(blocks, transfer.chunk_nbytes // PIECE_BYTES))
+        # One-sided (NIXL): one WRITE per chunk. Pieces buy overlap of a gather or scatter
+        # with the move; on the region path there is neither, and each piece would cost an
+        # advertisement, two descriptor lists and a DONE. Both sides run the same transport,
+        # so both derive the same count.
+        pieces = 1 if self._one_sided else max(1, min(blocks,
+                                                       transfer.chunk_nbytes // PIECE_BYTES))
         transfer.pieces = pieces
         transfer.piece_bounds = tuple(p * blocks // pieces for p in range(pieces + 1))
         transfer.expected = transfer.num_ops

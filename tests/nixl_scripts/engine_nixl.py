@@ -3,7 +3,7 @@ receives), debug (poison) pools. Run by tests/engine/test_engine_nixl.py through
 in _launch.py (``python engine_nixl.py SCENARIO``: every rank killed if one fails or the job
 outlives its deadline).
 
-``transfers``: whole and layer-wise transfers of several pieces, ids scattered over the pool,
+``transfers``: whole and layer-wise transfers (one WRITE per chunk), ids scattered over the pool,
 byte-verified on the receiver; the region path (no staging buffer) on both sides; every free
 block still poisoned. ``cancel_advertised``: the receiver cancels while its advertisement is
 out and the sender has not sent: the cancel is requested (not safe to free), the blocks stay
@@ -99,8 +99,8 @@ async def goodbye(engine: TransferEngine, folder: str, rank: int) -> None:
     assert report.clean, report
 
 
-# (request id, block count, layer-wise): 70 blocks = 8.75 MiB (2 pieces), layer-wise 100
-# blocks = 6.25 MiB per layer (1 piece each), one block.
+# (request id, block count, layer-wise): 70 blocks = 8.75 MiB, layer-wise 100
+# blocks = 6.25 MiB per layer, one block.
 TRANSFERS = [("big", 70, False), ("layers", 100, True), ("one", 1, False)]
 
 

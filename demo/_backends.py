@@ -3,7 +3,10 @@
 ``run_embedded``: four ``TransferEngine`` instances in one anyio event loop, over the
 loopback transport and in-process TP groups (``collectives.local_group``). ``run_mpi``: this
 process's rank of ``mpiexec -n 4``, ``MPITransport`` over COMM_WORLD and the TP group split
-from it; rank 0 gathers every rank's summary. Both build the same pools (debug mode: freed
+from it; rank 0 gathers every rank's summary. ``run_mpi(..., nixl=True)`` (``--backend
+nixl``): the same processes and TP groups, the data and the engines' control messages over
+``NixlTransport`` (its agents' metadata exchanged over MPI with ``over_mpi``; the engine
+registers each pool with it at start). All build the same pools (debug mode: freed
 blocks are poisoned) and engine config, wrap each transport in a seeded ``FaultyTransport``
 under ``--faults``, and drive the ranks' hosts with ``drive``. Every import of torch, anyio,
 rich or mpi4py happens inside a function, so importing this module stays cheap.
@@ -150,19 +153,22 @@ def run_embedded(plan: Plan, progress: bool) -> Result:
     return anyio.run(main)
 
 
-def run_mpi(plan: Plan, progress: bool) -> Result | None:
-    """This process's rank; returns every rank's summary on rank 0, None elsewhere."""
+def run_mpi(plan: Plan, progress: bool, nixl: bool = False) -> Result | None:
+    """This process's rank; returns every rank's summary on rank 0, None elsewhere. With
+    ``nixl`` the data moves over ``NixlTransport`` (one-sided WRITEs), MPI only bootstraps
+    it and carries the TP groups' collectives."""
     import anyio
     from kvhandoff.collectives import CheckedComm
     from kvhandoff.engine import TransferEngine
-    from kvhandoff.engine.transports import MPITransport
+    from kvhandoff.engine.transports import MPITransport, NixlTransport
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     tp_comm = CheckedComm.from_mpi(world.Split(color=rank // TP, key=rank),
                                    name="prefill-tp" if rank < TP else "decode-tp")
-    transport = wrap_faulty(MPITransport(world), plan, rank)
+    inner: Transport = NixlTransport.over_mpi(world) if nixl else MPITransport(world)
+    transport = wrap_faulty(inner, plan, rank)
     pool = make_pool(plan)
     engine = TransferEngine(pool, transport, tp_comm=tp_comm, config=engine_config(plan),
                             layout_extra=(rank % TP, TP))
@@ -183,6 +189,9 @@ def run_mpi(plan: Plan, progress: bool) -> Result | None:
         raise
     gathered = world.gather((summaries[0], seconds), root=0)
     transport.close()
+    if isinstance(inner, NixlTransport):
+        inner.release_memory()  # the engine drained: nothing is pending, so this frees all
+        world.Barrier()  # no agent goes away while a peer may still send it a notification
     if gathered is None:  # not rank 0
         return None
     return [s for s, _ in gathered], max(t for _, t in gathered)

@@ -16,9 +16,10 @@ from kvhandoff.demo._plan import WORLD, make_plan
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kvhandoff demo``."""
-    parser.add_argument("--backend", choices=("embedded", "mpi"), default="embedded",
+    parser.add_argument("--backend", choices=("embedded", "mpi", "nixl"), default="embedded",
                         help="embedded: 4 in-process ranks over loopback (default); mpi: one "
-                             "rank per process, run under `mpiexec -n 4`")
+                             "rank per process, run under `mpiexec -n 4`; nixl: the same "
+                             "processes, the KV over NIXL (needs kvhandoff[nixl])")
     parser.add_argument("--requests", type=int, default=8, metavar="N",
                         help="requests to move (default: 8)")
     parser.add_argument("--concurrency", type=int, default=4, metavar="N",
@@ -66,17 +67,24 @@ def run(args: argparse.Namespace) -> int:
         from kvhandoff.collectives import configure_logging
 
         configure_logging(args.log_dir)
-    if args.backend == "mpi":
+    if args.backend in ("mpi", "nixl"):
         from mpi4py import MPI
 
         size = MPI.COMM_WORLD.Get_size()
         if size != WORLD:
             if MPI.COMM_WORLD.Get_rank() == 0:
-                print(f"kvhandoff demo: --backend mpi needs exactly {WORLD} processes, got "
-                      f"{size}; run `mpiexec -n {WORLD} kvhandoff demo --backend mpi`",
+                print(f"kvhandoff demo: --backend {args.backend} needs exactly {WORLD} "
+                      f"processes, got {size}; run `mpiexec -n {WORLD} kvhandoff demo "
+                      f"--backend {args.backend}`", file=sys.stderr)
+            return 2
+        if args.backend == "nixl" and args.faults:
+            # The fault injector wraps two-sided transports; a one-sided one's faults are
+            # real processes stopped or killed (tests/nixl_scripts/engine_nixl.py).
+            if MPI.COMM_WORLD.Get_rank() == 0:
+                print("kvhandoff demo: --faults is not available with --backend nixl",
                       file=sys.stderr)
             return 2
-        result = _backends.run_mpi(plan, progress)
+        result = _backends.run_mpi(plan, progress, nixl=args.backend == "nixl")
         if result is None:
             return 0
     else:

@@ -30,6 +30,17 @@ cancel a posted send: a receiver that cancelled its receives would leave the sen
 pinned for good. A completing transfer still aborts at the transfer deadline, so a wedged
 transport cannot hold its blocks forever unless the transport itself can neither finish nor
 cancel the operation, which health then reports.
+
+One-sided transports (``Transport.one_sided``: NIXL). A receive there is memory the peer may
+write at any time until the peer says it is done with it; nothing the receiver does locally
+ends it (``cancel()`` is False), and there is nothing to complete, because no posted send
+waits for a matching receive. So both wind-downs do the same: post nothing more, cancel the
+sends still waiting for an advertisement, and ``retract()`` each pending receive, which stays
+pending (its blocks pinned) until the peer answers: DONE if its WRITE had landed, FAILED
+"cancelled" if it never wrote, or "peer lost" once the transport's fencing grace has passed.
+A posted WRITE is never cancelled and runs to NIXL's final status, so a sender past its
+deadline stays quarantined until then. A chunk moves as one operation there (no pieces: the
+region path has no gather or scatter to overlap).
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ class DataPath:
         self._num_layers = pool.num_layers
         # The region path: offered by the transport, for regions of at least this average.
         self._moves_regions = self._transport.moves_regions
+        # One-sided (NIXL): a receive is final only on the peer's word (``retract``).
+        self._one_sided = self._transport.one_sided
         min_bytes = engine.config.region_min_bytes
         self._region_min_bytes = (self._transport.region_min_bytes if min_bytes is None
                                   else min_bytes)
@@ -116,7 +129,12 @@ class DataPath:
         """Choose the operations of a transfer (its pieces) and this side's path."""
         ids = transfer.block_ids
         blocks = len(ids)
-        pieces = max(1, min(blocks, transfer.chunk_nbytes // PIECE_BYTES))
+        # One-sided (NIXL): one WRITE per chunk. Pieces buy overlap of a gather or scatter
+        # with the move; on the region path there is neither, and each piece would cost an
+        # advertisement, two descriptor lists and a DONE. Both sides run the same transport,
+        # so both derive the same count.
+        pieces = 1 if self._one_sided else max(1, min(blocks,
+                                                       transfer.chunk_nbytes // PIECE_BYTES))
         transfer.pieces = pieces
         transfer.piece_bounds = tuple(p * blocks // pieces for p in range(pieces + 1))
         transfer.expected = transfer.num_ops
@@ -351,12 +369,16 @@ class DataPath:
             return
         if transfer.wind_down is WindDown.ABORT:
             transfer.expected = transfer.posted
-            for op in transfer.ops:
-                if op is not None and not op.final:
-                    op.cancel()
+            self._stop_pending(transfer)
         elif transfer.wind_down is WindDown.NONE:
             transfer.wind_down = WindDown.COMPLETE
-            if transfer.role is Role.SENDER and transfer.posted:
+            if self._one_sided:
+                # Nothing needs completing: a receiver's memory is freed by the peer's word,
+                # not by a matching send. Post nothing more, cancel the sends still waiting
+                # for an advertisement, retract the advertisements; posted WRITEs run on.
+                transfer.expected = transfer.posted
+                self._stop_pending(transfer)
+            elif transfer.role is Role.SENDER and transfer.posted:
                 ops, pieces = transfer.ops, transfer.pieces
                 for chunk in range(transfer.num_chunks):
                     if None in ops[chunk * pieces:(chunk + 1) * pieces]:
@@ -369,6 +391,14 @@ class DataPath:
         if transfer.quiescent_ops and transfer.posted and \
                 session.allows(Event.HANDLE_DONE) and not session.local_final:
             self._local_final(transfer, now)
+
+    def _stop_pending(self, transfer: Transfer) -> None:
+        """Cancel each pending operation; a one-sided receive, which only its peer can end,
+        is retracted instead. Neither makes an operation final here: its memory stays in use
+        until the transport says it is (see ``on_op_final``)."""
+        for op in transfer.ops:
+            if op is not None and not op.final and not op.cancel() and self._one_sided:
+                op.retract()
 
     def abort_due(self, now: float) -> bool:
         """Completing wind-downs whose transfer deadline passed: abort them (and tell the

@@ -137,6 +137,9 @@ class TransferEngine:
         self._wake: anyio.Event | None = None
         self._task_group: Any = None
         self._on_layer_ready = self._layer_ready  # one bound method for every handle
+        # The transport's own word that a peer is gone (NIXL's probes), asked with the leases.
+        self._peer_probe: Callable[[int], str | None] | None = getattr(
+            transport, "peer_lost", None)
 
 
     # --- context manager ------------------------------------------------------------------
@@ -146,6 +149,11 @@ class TransferEngine:
         # a machine): build it in a worker thread now rather than inside the first tick, where
         # it would freeze this loop and every engine sharing it.
         await anyio.to_thread.run_sync(cuda_ext.backend, self.pool.device)
+        # A transport that registers memory (NIXL) registers the pool's layers once, here,
+        # rather than on the first transfer; it keeps them registered until it is closed.
+        register = getattr(self.transport, "register", None)
+        if callable(register):
+            register(self.pool.layers)
         self._wake = anyio.Event()
         self._health.restart_event = anyio.Event()
         self._task_group = anyio.create_task_group()
@@ -243,7 +251,10 @@ class TransferEngine:
         cancellable = True
         if transfer is not None:
             kind = HandleKind.SEND if transfer.role is Role.SENDER else HandleKind.RECV
-            cancellable = kind in self.transport.cancellable_kinds
+            # A one-sided receive is retracted instead (``DataPath.wind_down``): the cancel
+            # is requested and the blocks stay pinned until the peer's answer.
+            cancellable = kind in self.transport.cancellable_kinds or (
+                kind is HandleKind.RECV and self.transport.one_sided)
         before = 0 if session is None else len(session.history)
         result = self._table.cancel(request_id, healthy=self._health.snapshot.healthy,
                                     cancellable=cancellable, now=now)
@@ -531,7 +542,7 @@ class TransferEngine:
         return busy
 
     def _check_leases(self, now: float) -> None:
-        for peer, silent_s, rids in self._leases.lapsed(now):
+        for _, why, rids in self._leases.lapsed(now, self._peer_probe):
             for rid in rids:
                 transfer = self._transfers.get(rid)
                 if transfer is not None and transfer.state in OPEN_STATES \
@@ -540,6 +551,6 @@ class TransferEngine:
                     transfer.wind_down = WindDown.ABORT
                     # A sender that posted may have delivered every byte: it cannot know.
                     self._apply(transfer, Event.ABORT, now, reason=FailureReason.PEER_LOST,
-                                detail=f"no message from rank {peer} for {silent_s:.1f}s",
+                                detail=why[:256],
                                 outcome_unknown=transfer.role is Role.SENDER
                                 and bool(transfer.posted))

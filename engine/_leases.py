@@ -5,13 +5,18 @@ and its open transfers fail with ``peer_lost``. Any control message renews a pee
 heartbeats (every ``heartbeat_every_s``) keep an idle but healthy peer's lease alive. The
 lease on a peer starts, at the latest, when a transfer with it opens. Sans-I/O: the engine
 passes the time in and sends the heartbeats this object asks for.
+
+A transport that can tell a peer is gone sooner (``NixlTransport.peer_lost``: its probes, a
+failed post or notification) is asked too, through ``lapsed``'s ``probe``: a peer it reports
+lost fails its open transfers at once, without waiting out the lease. The lease still covers
+everything the probe cannot see (a peer alive to the transport whose engine has stopped).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["Leases"]
 
@@ -56,13 +61,20 @@ class Leases:
     def open_count(self, peer: int) -> int:
         return len(self._open_by_peer.get(peer, ()))
 
-    def lapsed(self, now: float) -> Iterator[tuple[int, float, list[str]]]:
-        """``(peer, seconds silent, its open request ids)`` for each peer whose lease
-        lapsed. Cost: O(peers with open transfers)."""
+    def lapsed(self, now: float, probe: Callable[[int], str | None] | None = None,
+               ) -> Iterator[tuple[int, str, list[str]]]:
+        """``(peer, why, its open request ids)`` for each peer whose lease lapsed or that
+        ``probe`` (the transport's ``peer_lost``) reports lost. Cost: O(peers with open
+        transfers)."""
         for peer, request_ids in list(self._open_by_peer.items()):
+            lost = None if probe is None else probe(peer)
+            if lost is not None:
+                yield peer, lost, list(request_ids)
+                continue
             last = self._last_heard.get(peer)
             if last is not None and now - last > self.lease_s:
-                yield peer, now - last, list(request_ids)
+                yield peer, f"no message from rank {peer} for {now - last:.1f}s", \
+                    list(request_ids)
 
     def heartbeat_due(self, now: float) -> bool:
         return now >= self._next_heartbeat

@@ -73,7 +73,9 @@ def decide_cancel(state: State | None, *, healthy: bool, cancellable: bool) -> C
 
     ``QUEUED`` is decided before health is looked at: releasing never-advertised blocks is
     always safe and relieves a struggling backend. ``cancellable`` is whether the transport
-    can cancel a posted operation; before anything is posted (``ADVERTISED``) it is moot.
+    can cancel a posted operation, or (a one-sided transport's receive) ask its peer to give
+    the memory up: either way the blocks stay pinned until the operation is final, so the
+    answer is never safe to free. Before anything is posted (``ADVERTISED``) it is moot.
     """
     if state is None:
         return CancelResult.NOT_FOUND

@@ -158,6 +158,16 @@ class TransportHandle(abc.ABC):
         final, or the transport cannot cancel this operation (see
         ``Transport.cancellable_kinds``) and it stays pending until its peer matches it."""
 
+    def retract(self) -> bool:
+        """A one-sided receive (``Transport.one_sided``): ask the peer to give up this
+        receive's memory, which it may otherwise write at any time. ``True`` if asked: the
+        handle becomes ``FAILED`` "cancelled" once the peer confirms it never wrote (``DONE``
+        if the write had happened), and the memory stays in use until then. ``False``
+        (nothing changed) on a transport that is not one-sided, a send, a final handle, or
+        one already retracted. A one-sided receive's ``cancel()`` is always ``False``: only
+        the peer can say its writes are over."""
+        return False
+
     @abc.abstractmethod
     def _progress(self) -> None:
         """Observe completion without blocking (calls ``_finish`` when final)."""

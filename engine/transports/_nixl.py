@@ -70,6 +70,16 @@ constructor takes an ``exchange`` function (this rank's metadata in, every rank'
 files in a folder on the local file system (for processes on one host without MPI: no port
 is picked in advance, so none can be taken by another job first).
 
+Under the engine (``TransferEngine(pool, NixlTransport...)``): the transport declares
+``one_sided``, so the engine retracts receives instead of cancelling them and posts nothing
+more after a failure (docs/design.md, One-sided transports); it registers the pool's layers
+at start (``register``), moves each chunk as one WRITE on the region path
+(``region_min_bytes`` 0), and asks ``peer_lost`` with its leases on every tick, so a peer
+the probes find gone fails its transfers at once instead of after ``lease_s``. The host
+closes the transport after the engine drained, then calls ``release_memory()``.
+``probe_interval_s`` and ``fence_grace_s`` belong here, not in ``EngineConfig``: they describe
+the fabric; keep the probe interval well under the engine's lease.
+
 NIXL is imported when a transport is created (``pip install kvhandoff[nixl]``).
 """
 
@@ -311,6 +321,7 @@ class NixlTransport(Transport):
 
     moves_regions = True
     one_sided = True
+    region_min_bytes = 0  # a staging buffer would only add a copy before the same WRITE
     cancellable_kinds = frozenset({HandleKind.SEND})
 
     def __init__(self, rank: int, world_size: int, exchange: Callable[[bytes], Sequence[bytes]],

@@ -7,6 +7,7 @@ the whole set stays fast; the defaults stay realistic (32 layers, 128..2048 toke
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import re
@@ -101,6 +102,21 @@ def test_demo_mpi_backend_under_mpiexec_delivers_every_request() -> None:
     assert result.returncode == 0, out
     assert out.count("requests ok") == 1  # only rank 0 reports
     assert _row(out, "requests ok") == "10/10"
+    _assert_books_clean(out)
+
+
+def test_demo_nixl_backend_under_mpiexec_delivers_every_request() -> None:
+    """Processes launched by mpiexec, TP groups over MPI, the KV over NIXL WRITEs."""
+    if importlib.util.find_spec("nixl_cu13") is None:
+        pytest.skip("nixl is not installed: pip install 'kvhandoff[nixl]'")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NIXL_LOG_LEVEL="WARN")
+    result = _run_with_timeout(
+        [_mpiexec(), "-n", "4", str(EXE), "demo", "--backend", "nixl", "--requests", "6",
+         *SMALL], 240.0, env)
+    out = result.stdout
+    assert result.returncode == 0, out
+    assert out.count("requests ok") == 1  # only rank 0 reports
+    assert _row(out, "requests ok") == "6/6"
     _assert_books_clean(out)
 
 

@@ -21,6 +21,7 @@ means the buffer is free of transport access, exactly like a real transport. Fau
 
 Regions: the wrapper moves regions exactly when ``inner`` does (``moves_regions``), and
 faults a region operation like any other, so the engine's zero-copy path meets every fault.
+It is one-sided when ``inner`` is, and forwards a receive's ``retract()``.
 
 Determinism: one ``random.Random(seed)`` draws two numbers per posted operation, in post
 order, whatever faults are configured; the same seed and the same sequence of calls give the
@@ -81,6 +82,14 @@ class _FaultyHandle(TransportHandle):
         self._owner._resolve(self)
         return True
 
+    def retract(self) -> bool:
+        # A one-sided receive: only the peer can end it; the fault still applies after.
+        if self.final or not self.inner.retract():
+            return False
+        self.cancel_requested = True
+        self._owner._resolve(self)
+        return True
+
 
 class FaultyTransport(Transport):
     """Wraps ``inner`` and injects faults (see the module docstring). ``error_rate`` and
@@ -122,6 +131,7 @@ class FaultyTransport(Transport):
         self.cancellable_kinds = inner.cancellable_kinds
         self.moves_regions = inner.moves_regions
         self.region_min_bytes = inner.region_min_bytes
+        self.one_sided = inner.one_sided
         self.seed = seed
         self._rng = random.Random(seed)
         self._error_rate = error_rate

@@ -11,6 +11,7 @@ from kvhandoff.engine.transports import (
     HandleState,
     LoopbackTransport,
     TransportHandle,
+    loopback_group,
 )
 
 
@@ -201,3 +202,14 @@ def test_faulty_rejects_bad_config(kwargs: dict[str, object]) -> None:
     a, _ = LoopbackTransport.pair()
     with pytest.raises(ValueError):
         FaultyTransport(a, seed=0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_faulty_wrapper_is_one_sided_exactly_when_its_inner_transport_is() -> None:
+    a, b = loopback_group(2)
+    plain = FaultyTransport(a, seed=1)
+    assert plain.one_sided is False
+    handle = plain.post_recv(torch.zeros(8, dtype=torch.uint8), 1, 1)
+    assert handle.retract() is False  # a two-sided receive cannot be retracted
+    assert handle.cancel() is True
+    b.one_sided = True  # what a one-sided transport (NIXL) declares
+    assert FaultyTransport(b, seed=2).one_sided is True

@@ -73,6 +73,12 @@ __all__ = ["MPITransport"]
 _MAX_CONTROL_PER_CALL = 4096
 # An MPI block length is a C int: longer regions are described as several.
 _MAX_REGION_BYTES = 2**31 - 1
+# The engine's region path on the cross-memory path, for regions of at least this average.
+# process_vm_readv costs about half a microsecond per iovec on top of the copy (pinning the
+# peer's pages one region at a time): 256 B regions read at ~0.1 of the contiguous rate,
+# slower than gather + one contiguous read + scatter, while 32 KiB regions read at ~0.8 of
+# it, faster (docs/benchmarks.md, data plane). The crossover is a few KiB.
+_CMA_REGION_MIN_BYTES = 4 << 10
 # Set to 0 to keep every peer off the cross-memory path (same as use_cma=False).
 CMA_ENV = "KVHANDOFF_MPI_CMA"
 _log = logging.getLogger(__name__)
@@ -207,8 +213,9 @@ class MPITransport(Transport):
         self._descriptor_sends: list[tuple[_CMASendHandle, bytes]] = []
         self.cma_peers, self.cma_unavailable = self._negotiate_cma(use_cma)
         if self.world_size > 1 and len(self.cma_peers) == self.world_size - 1:
-            # One copy, blocks where they are: the region path beats gather + move + scatter.
-            self.region_min_bytes = 0
+            # One copy, blocks where they are, beats gather + move + scatter while the
+            # kernel's cost per iovec is small next to the region's bytes (measured).
+            self.region_min_bytes = _CMA_REGION_MIN_BYTES
 
     def _negotiate_cma(self, use_cma: bool | None) -> tuple[frozenset[int], str | None]:
         """The peers both directions of a cross-memory read work with, and why not with

@@ -75,7 +75,7 @@ _MAX_CONTROL_PER_CALL = 4096
 _MAX_REGION_BYTES = 2**31 - 1
 # The engine's region path on the cross-memory path, for regions of at least this average.
 # process_vm_readv costs about half a microsecond per iovec on top of the copy (pinning the
-# peer's pages one region at a time): 256 B regions read at ~0.1 of the contiguous rate,
+# peer's pages one region at a time): 256 B regions read at ~0.15 of the contiguous rate,
 # slower than gather + one contiguous read + scatter, while 32 KiB regions read at ~0.8 of
 # it, faster (docs/benchmarks.md, data plane). The crossover is a few KiB.
 _CMA_REGION_MIN_BYTES = 4 << 10

@@ -133,3 +133,18 @@ def test_read_of_unmapped_memory_is_typed() -> None:
         _cma.read(os.getpid(), local, remote)
     assert info.value.errno == errno.EFAULT and info.value.pid == os.getpid()
     assert "use_cma=False" in str(info.value)
+
+
+@needs_cma
+def test_read_from_an_exited_process_is_typed() -> None:
+    # A sender that died: its pid is gone (reaped), so the kernel answers ESRCH.
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    out = np.zeros(8, dtype=np.uint8)
+    local = np.array([[out.ctypes.data, 8]], np.uint64)
+    remote = np.array([[out.ctypes.data, 8]], np.uint64)
+    with pytest.raises(CrossMemoryError) as info:
+        _cma.read(child, local, remote)
+    assert info.value.errno == errno.ESRCH and info.value.done == 0

@@ -32,7 +32,8 @@ comes. A descriptor of the wrong size fails the receive (``size mismatch``) and,
 the ack, the send; a sender that dies mid-copy fails the receive (``CrossMemoryError``); a
 receiver that dies leaves the send pending, as any MPI send. A receive can be cancelled until
 its descriptor arrives. With every peer on the CMA path the engine is told to take the region
-path (``region_min_bytes = 0``); otherwise (remote peers, ``use_cma=False``, the
+path for regions of at least 4 KiB (``region_min_bytes``; smaller ones still gather, since the
+kernel's cost per iovec outweighs their bytes); otherwise (remote peers, ``use_cma=False``, the
 ``KVHANDOFF_MPI_CMA=0`` environment, ``cuda_aware=True``, no ptrace permission) nothing
 changes and ``cma_unavailable`` says why (the transport logs nothing; the host may).
 
@@ -166,7 +167,8 @@ class MPITransport(Transport):
     moves_regions = True
     # MPICH packs a derived datatype through its shared-memory cells a few at a time, while a
     # contiguous message is one copy: measured, the pipelined staged path is faster at every
-    # region size tried (docs/benchmarks.md), so the engine takes it unless told otherwise.
+    # region size tried (docs/benchmarks.md), so the engine takes it unless told otherwise;
+    # a transport whose every peer is on the one-copy path lowers it (_CMA_REGION_MIN_BYTES).
     region_min_bytes = 1 << 40
 
     def __init__(self, comm: Any = None, *, cuda_aware: bool = False,

@@ -29,10 +29,19 @@ in random order, the same table on both ranks), for 512 KiB and 4 KiB blocks, si
 - raw 1 contiguous message of the same bytes: the one-copy rate, the limit here;
 - raw mpi4py of the same block table: one ``hindexed`` datatype over absolute addresses,
   built, committed and freed per transfer, as the engine must;
-- the engine's region path (``region_min_bytes=0``: the blocks move where they are) and its
-  staged pipelined path (gather a piece while the one before is in flight, scatter each
-  piece as it lands); goals are against the faster raw baseline (512 KiB blocks) and the raw
-  same-table transfer (4 KiB blocks), 0.9 each.
+- raw 1 contiguous message from torch memory: the same, but from a torch tensor (4 KiB
+  pages, like the pool's blocks) instead of numpy's buffer (transparent huge pages on
+  Linux); the kernel's one copy pins every page, so this is the one-copy rate of pool memory;
+- raw cross-memory read of the same block table: rank 1 copies rank 0's blocks straight
+  into its own with ``process_vm_readv`` (the kernel's one copy, cut into ``IOV_MAX``
+  iovecs per call), the limit of any same-host region path;
+- the engine's region path (``region_min_bytes=0``: the blocks move where they are, by
+  cross-memory read on one host, see ``MPITransport``), the same over MPI datatypes
+  (``use_cma=False``), its staged pipelined path (gather a piece while the one before is in
+  flight, scatter each piece as it lands); the path the engine chooses by default
+  (``MPITransport.region_min_bytes``) carries the goal, against the faster raw baseline (512 KiB
+  blocks) and the raw same-table transfer (4 KiB blocks, the faster of hindexed and CMA),
+  0.9 each.
 
 The ratio is raw time / ours: 1.0 means no overhead, below 1 means slower.
 """
@@ -268,9 +277,17 @@ async def engine_layout(
     return results
 
 
-# One data-plane layout's medians, GB/s: raw contiguous, raw same table, engine by path.
-_PlaneRow = tuple[str, float, float, dict[str, float]]
-PATHS = {"region path": 0, "staged pipelined": 1 << 62}  # EngineConfig.region_min_bytes
+# One data-plane layout's medians, GB/s: raw contiguous (numpy, torch memory), raw same
+# table (hindexed, CMA), engine by path.
+_PlaneRow = tuple[str, float, float, float, float, dict[str, float]]
+# name: (EngineConfig.region_min_bytes, MPITransport(use_cma=...)). What the engine chooses
+# by default (MPITransport.region_min_bytes) is marked, not run again: every engine's loop
+# ticks while one transfers, so each extra engine costs the others.
+PATHS: dict[str, tuple[int, bool]] = {
+    "region path (CMA)": (0, True),
+    "region path (MPI datatype)": (0, False),
+    "staged pipelined": (1 << 62, True),
+}
 
 
 async def data_plane(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, reps: int,
@@ -286,6 +303,9 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
                             config: EngineConfig, layout: tuple[int, int, int, int],
                             spin_s: float) -> _PlaneRow:
     """Every case of one layout, interleaved per repetition (one engine per path)."""
+    import os
+
+    from kvhandoff.engine.transports import _cma
     from kvhandoff.engine.transports._mpi import _mpi_blocks
     from kvhandoff.engine.transports._regions import block_regions
 
@@ -308,6 +328,14 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
         else:
             raw_comm.Irecv([raw_buf, MPI.BYTE], source=0, tag=1).Wait()
 
+    torch_buf = torch.zeros(nbytes, dtype=torch.uint8).numpy()
+
+    def contiguous_torch() -> None:
+        if rank == 0:
+            raw_comm.Isend([torch_buf, MPI.BYTE], dest=1, tag=3).Wait()
+        else:
+            raw_comm.Irecv([torch_buf, MPI.BYTE], source=0, tag=3).Wait()
+
     def same_table() -> None:
         lengths, addresses = _mpi_blocks(block_regions(pool.layers, block_ids))
         datatype = MPI.BYTE.Create_hindexed(lengths, addresses).Commit()
@@ -316,6 +344,21 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
         else:
             raw_comm.Irecv([MPI.BOTTOM, 1, datatype], source=0, tag=2).Wait()
         datatype.Free()
+
+    # Rank 1 reads rank 0's table: the pid and the regions' addresses cross once.
+    table = block_regions(pool.layers, block_ids)
+    peer_addresses = np.empty_like(table.addresses)
+    comm.Sendrecv(table.addresses, 1 - rank, recvbuf=peer_addresses, source=1 - rank)
+    pids = np.array([os.getpid(), 0], dtype=np.int64)
+    comm.Sendrecv(pids[:1], 1 - rank, recvbuf=pids[1:], source=1 - rank)
+    peer_pid = int(pids[1])
+
+    def cma_same_table() -> None:
+        if rank == 1:
+            mine = block_regions(pool.layers, block_ids)  # built per transfer, as the engine
+            local, remote = _cma.segments(mine.addresses, mine.lengths, peer_addresses,
+                                          mine.lengths)
+            _cma.read(peer_pid, local, remote)
 
     async def ours(engine: TransferEngine) -> float:
         rid = f"plane-{next(serial)}"
@@ -330,21 +373,26 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
         assert result.nbytes == nbytes, result
         return float(comm.allreduce(elapsed, op=MPI.MAX))
 
-    times: dict[str, list[float]] = {"contiguous": [], "same table": []}
+    times: dict[str, list[float]] = {"contiguous": [], "torch memory": [], "same table": [],
+                                     "cma": []}
     times.update({name: [] for name in PATHS})
-    transports = {name: MPITransport(comm, progress_spin_s=spin_s) for name in PATHS}
+    transports = {name: MPITransport(comm, progress_spin_s=spin_s, use_cma=cma)
+                  for name, (_, cma) in PATHS.items()}
     async with contextlib.AsyncExitStack() as stack:
         engines = {}
-        for name, min_bytes in PATHS.items():
+        for name, (min_bytes, _) in PATHS.items():
             engines[name] = await stack.enter_async_context(TransferEngine(
                 pool, transports[name],
                 config=attrs.evolve(config, region_min_bytes=min_bytes)))
-        contiguous(), same_table()  # warm-up: connection setup and page faults
+        # Warm-up: connections, page faults.
+        contiguous(), contiguous_torch(), same_table(), cma_same_table()
         for engine in engines.values():
             await ours(engine)
         for _ in range(reps):
             times["contiguous"].append(timed(comm, contiguous))
+            times["torch memory"].append(timed(comm, contiguous_torch))
             times["same table"].append(timed(comm, same_table))
+            times["cma"].append(timed(comm, cma_same_table))
             for name, engine in engines.items():
                 times[name].append(await ours(engine))
         for engine in engines.values():
@@ -356,27 +404,35 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
     regions = len(block_regions(pool.layers, block_ids))
     case = (f"{num_blocks} x {per_block >> 10} KiB blocks "
             f"({per_block // (2 * num_layers)} B per layer tensor, {regions} regions)")
-    return case, rate["contiguous"], rate["same table"], {n: rate[n] for n in PATHS}
+    hint = transports["region path (CMA)"].region_min_bytes
+    chosen = ("region path (CMA)" if hint <= per_block // (2 * num_layers)
+              else "staged pipelined")
+    rate["default"] = rate[chosen]
+    case += f", default: {chosen}"
+    return (case, rate["contiguous"], rate["torch memory"], rate["same table"], rate["cma"],
+            {n: rate[n] for n in PATHS} | {"default": rate["default"]})
 
 
 def print_data_plane(rows: list[_PlaneRow], size_mib: int, reps: int) -> None:
     print(f"Data plane: {size_mib} MiB per transfer, block ids scattered, 2 ranks, {reps} "
           f"interleaved reps, medians, GB/s (cuda_ext backend: {cuda_ext.backend()})")
-    print("| blocks | raw 1 contiguous msg | raw same table (hindexed) | engine path | "
-          "engine GB/s | vs contiguous | vs same table | goal |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
-    for index, (case, contiguous, same, engine) in enumerate(rows):
+    print("| blocks | raw 1 contiguous msg | same, torch memory | raw same table (hindexed) "
+          "| raw same table (CMA) | engine path | engine GB/s | vs contiguous | vs raw CMA "
+          "| goal |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    for index, (case, contiguous, torch_memory, same, cma, engine) in enumerate(rows):
         large = index == 0
-        goal_base = max(contiguous, same) if large else same
-        best = max(engine, key=engine.__getitem__)
+        goal_base = max(contiguous, same, cma) if large else max(same, cma)
         for name, bw in engine.items():
             verdict = ""
-            if name == best:
+            if name == "default":
+                continue
+            if case.endswith(f"default: {name}"):
                 ratio = bw / goal_base
                 verdict = (f">= 0.9 of {'the faster raw' if large else 'raw same table'}: "
                            f"{ratio:.2f}, {'met' if ratio >= 0.9 else 'missed'}")
-            print(f"| {case} | {contiguous:.2f} | {same:.2f} | {name} | {bw:.2f} | "
-                  f"{bw / contiguous:.2f} | {bw / same:.2f} | {verdict} |")
+            print(f"| {case} | {contiguous:.2f} | {torch_memory:.2f} | {same:.2f} | {cma:.2f} "
+                  f"| {name} | {bw:.2f} | {bw / contiguous:.2f} | {bw / cma:.2f} | {verdict} |")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,41 @@ is final. The message's byte stream is the regions' bytes in order, the same as 
 them packed, so it matches a plain ``post_recv`` / ``post_send`` of that many bytes. Host
 memory only (device regions need ``cuda_aware=True``).
 
+One copy on one host (cross-memory attach, ``_cma``). MPICH gives only contiguous messages
+its single-copy path; a derived datatype crawls through shared-memory cells. So between two
+ranks on one host that may read each other's memory (probed once at construction: a rank
+reads a token its peer published with ``process_vm_readv``; both directions must work), every
+data operation, buffer or regions, moves by cross-memory read instead: a send posts a
+*descriptor* of its regions (a buffer is one region) on its data tag and stays PENDING; the
+matching receive (``Improbe`` + ``Mrecv`` on that peer and tag, so same-tag operations match in
+posting order) validates it, reads the sender's regions straight into its own in one pass
+(in ``poll()``, on the thread that drives the transport), and answers with an ack on the
+transport's second communicator; the send is final only when that ack arrives, so the
+sender's memory is never reused while the peer may still read it. Both sides of a pair agree
+on the path at construction, so a receiver always knows whether a descriptor or raw data
+comes. A descriptor of the wrong size fails the receive (``size mismatch``) and, through
+the ack, the send; a sender that dies mid-copy fails the receive (``CrossMemoryError``); a
+receiver that dies leaves the send pending, as any MPI send. A receive can be cancelled until
+its descriptor arrives. With every peer on the CMA path the engine is told to take the region
+path for regions of at least 4 KiB (``region_min_bytes``; smaller ones still gather, since the
+kernel's cost per iovec outweighs their bytes); otherwise (remote peers, ``use_cma=False``, the
+``KVHANDOFF_MPI_CMA=0`` environment, ``cuda_aware=True``, no ptrace permission) nothing
+changes and ``cma_unavailable`` says why (the transport logs nothing; the host may).
+
 mpi4py is imported when a transport is created, never at package import.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from kvhandoff.engine.transports import _cma
 from kvhandoff.engine.transports._base import (
     CONTROL_TAG,
     MAX_TAG,
@@ -35,7 +60,12 @@ from kvhandoff.engine.transports._base import (
     TransportHandle,
 )
 from kvhandoff.engine.transports._regions import Regions
-from kvhandoff.engine.transports.errors import InvalidBufferError, TransportUnavailableError
+from kvhandoff.engine.transports.errors import (
+    CrossMemoryError,
+    DescriptorError,
+    InvalidBufferError,
+    TransportUnavailableError,
+)
 
 __all__ = ["MPITransport"]
 
@@ -43,6 +73,14 @@ __all__ = ["MPITransport"]
 _MAX_CONTROL_PER_CALL = 4096
 # An MPI block length is a C int: longer regions are described as several.
 _MAX_REGION_BYTES = 2**31 - 1
+# The engine's region path on the cross-memory path, for regions of at least this average.
+# process_vm_readv costs about half a microsecond per iovec on top of the copy (pinning the
+# peer's pages one region at a time): 256 B regions read at ~0.15 of the contiguous rate,
+# slower than gather + one contiguous read + scatter, while 32 KiB regions read at ~0.8 of
+# it, faster (docs/benchmarks.md, data plane). The crossover is a few KiB.
+_CMA_REGION_MIN_BYTES = 4 << 10
+# Set to 0 to keep every peer off the cross-memory path (same as use_cma=False).
+CMA_ENV = "KVHANDOFF_MPI_CMA"
 
 
 class _MPIHandle(TransportHandle):
@@ -70,6 +108,45 @@ class _MPIHandle(TransportHandle):
         return True
 
 
+class _CMASendHandle(TransportHandle):
+    """A send on the cross-memory path: final when the receiver's ack arrives."""
+
+    def __init__(self, owner: MPITransport, peer: int, tag: int, nbytes: int, data: object,
+                 op_id: int) -> None:
+        super().__init__(HandleKind.SEND, peer, tag, nbytes, owner._ready.append)
+        self._owner = owner
+        self._buffer = data  # the peer may read it until its ack arrives
+        self.op_id = op_id
+
+    def _progress(self) -> None:
+        self._owner._advance()
+
+    def cancel(self) -> bool:
+        return False  # the descriptor may already be in the peer's hands: like an MPI send
+
+
+class _CMARecvHandle(TransportHandle):
+    """A receive on the cross-memory path: waits for its descriptor, then copies."""
+
+    def __init__(self, owner: MPITransport, peer: int, tag: int, nbytes: int, data: object,
+                 addresses: np.ndarray, lengths: np.ndarray) -> None:
+        super().__init__(HandleKind.RECV, peer, tag, nbytes, owner._ready.append)
+        self._owner = owner
+        self._buffer = data
+        self.addresses = addresses
+        self.lengths = lengths
+        self.matched = False
+
+    def _progress(self) -> None:
+        self._owner._advance()
+
+    def cancel(self) -> bool:
+        if self.final or self.matched:
+            return False
+        self._owner._cancel_cma_recv(self)
+        return True
+
+
 class MPITransport(Transport):
     """Point-to-point over MPI on a duplicate of ``comm`` (default ``COMM_WORLD``).
 
@@ -79,17 +156,23 @@ class MPITransport(Transport):
     ``max_tag`` is the MPI implementation's ``TAG_UB`` (at least 32767). Regions move
     natively (``moves_regions``), as one derived datatype per operation; while any is
     pending, ``poll()`` tests for up to ``progress_spin_s`` (see the module docstring).
+
+    Peers on this host move by cross-memory read (module docstring) unless ``use_cma`` is
+    False (default: on, unless the environment sets ``KVHANDOFF_MPI_CMA=0``); ``cma_peers``
+    are the ranks it works with, ``cma_unavailable`` why it does not with the rest (None when
+    it works with every peer). Creating the transport probes it, collectively.
     """
 
     cancellable_kinds = frozenset({HandleKind.RECV})
     moves_regions = True
     # MPICH packs a derived datatype through its shared-memory cells a few at a time, while a
     # contiguous message is one copy: measured, the pipelined staged path is faster at every
-    # region size tried (docs/benchmarks.md), so the engine takes it unless told otherwise.
+    # region size tried (docs/benchmarks.md), so the engine takes it unless told otherwise;
+    # a transport whose every peer is on the one-copy path lowers it (_CMA_REGION_MIN_BYTES).
     region_min_bytes = 1 << 40
 
     def __init__(self, comm: Any = None, *, cuda_aware: bool = False,
-                 progress_spin_s: float = 0.002) -> None:
+                 progress_spin_s: float = 0.002, use_cma: bool | None = None) -> None:
         super().__init__()
         try:
             from mpi4py import MPI
@@ -117,6 +200,72 @@ class MPITransport(Transport):
         self._statuses: list[Any] = []
         self._control_requests: list[Any] = []
         self._control_payloads: list[bytes] = []
+        # The cross-memory path: acks travel on a communicator of their own so they can
+        # never match a data receive (both sides choose data tags).
+        self._ack_comm = self._comm.Dup()
+        self._ack_comm.Set_name("kvhandoff.transport.ack")
+        self._ack_comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self._pid = os.getpid()
+        self._op_ids = itertools.count(1)
+        self._cma_sends: dict[tuple[int, int], _CMASendHandle] = {}  # (peer, op id)
+        self._cma_recvs: dict[tuple[int, int], collections.deque[_CMARecvHandle]] = {}
+        self._descriptor_requests: list[Any] = []
+        self._descriptor_sends: list[tuple[_CMASendHandle, bytes]] = []
+        #: Messages on the ack communicator that matched no send of ours, or were no ack.
+        self.cma_dropped_acks = 0
+        self.cma_peers, self.cma_unavailable = self._negotiate_cma(use_cma)
+        if self.world_size > 1 and len(self.cma_peers) == self.world_size - 1:
+            # One copy, blocks where they are, beats gather + move + scatter while the
+            # kernel's cost per iovec is small next to the region's bytes (measured).
+            self.region_min_bytes = _CMA_REGION_MIN_BYTES
+
+    def _negotiate_cma(self, use_cma: bool | None) -> tuple[frozenset[int], str | None]:
+        """The peers both directions of a cross-memory read work with, and why not with
+        the others; collective over the communicator."""
+        MPI = self._mpi
+        if use_cma is None:
+            use_cma = os.environ.get(CMA_ENV, "1") != "0"
+        reason = None
+        if not use_cma:
+            reason = f"disabled (use_cma=False or {CMA_ENV}=0)"
+        elif self.cuda_aware:
+            reason = "cuda_aware=True: device memory cannot be read across processes"
+        else:
+            reason = _cma.available()
+        local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            size, me = local.Get_size(), local.Get_rank()
+            token = np.frombuffer(os.urandom(8), dtype=np.uint64) | np.uint64(1)
+            mine = np.array([reason is None, self._pid, token.ctypes.data, int(token[0]),
+                             self.rank], dtype=np.uint64)
+            table = np.empty((size, len(mine)), dtype=np.uint64)
+            local.Allgather([mine, MPI.UINT64_T], [table, MPI.UINT64_T])
+            works = np.zeros(size, dtype=np.uint8)
+            failures = []
+            for j in range(size):
+                if j == me or reason is not None or not table[j, 0]:
+                    continue
+                why = _probe(int(table[j, 1]), int(table[j, 2]), int(table[j, 3]))
+                if why is None:
+                    works[j] = 1
+                else:
+                    failures.append(f"rank {int(table[j, 4])}: {why}")
+            grid = np.empty((size, size), dtype=np.uint8)
+            local.Allgather([works, MPI.UINT8_T], [grid, MPI.UINT8_T])
+        finally:
+            local.Free()
+        peers = frozenset(int(table[j, 4]) for j in range(size)
+                          if j != me and grid[me, j] and grid[j, me])
+        if len(peers) == self.world_size - 1:
+            return peers, None
+        if reason is None:
+            remote = self.world_size - size
+            refused = [int(table[j, 4]) for j in range(size)
+                       if j != me and grid[me, j] and not grid[j, me]]
+            reason = "; ".join(
+                failures + ([f"{remote} ranks on other hosts"] if remote else [])
+                + ([f"ranks {refused} cannot read this one"] if refused else []))
+        return peers, reason  # the host reads it from cma_unavailable (and may log it)
 
     @property
     def comm(self) -> Any:
@@ -132,6 +281,10 @@ class MPITransport(Transport):
     def _post(self, kind: HandleKind, buf: torch.Tensor, peer: int, tag: int) -> TransportHandle:
         peer, tag, data = self._check_post(kind, buf, peer, tag)
         spec = [self._buffer_spec(data), self._mpi.BYTE]
+        if peer in self.cma_peers:  # one region: the peer's side is uniform
+            return self._post_cma(kind, peer, tag, data.numel(), data,
+                                  np.array([data.data_ptr()], dtype=np.uint64),
+                                  np.array([data.numel()], dtype=np.uint64))
         if kind is HandleKind.SEND:
             request = self._comm.Isend(spec, dest=peer, tag=tag)
         else:
@@ -156,6 +309,9 @@ class MPITransport(Transport):
                 f"MPITransport got {regions.device} regions but MPI is not CUDA-aware: stage "
                 "them through host memory, or pass cuda_aware=True with a CUDA-aware MPI",
                 device=str(regions.device))
+        if peer in self.cma_peers:
+            return self._post_cma(kind, peer, tag, regions.nbytes, regions, regions.addresses,
+                                  regions.lengths)
         MPI = self._mpi
         lengths, addresses = _mpi_blocks(regions)
         datatype = MPI.BYTE.Create_hindexed(lengths, addresses).Commit()
@@ -171,6 +327,132 @@ class MPITransport(Transport):
         self._regions_pending += 1
         return self._track(_MPIHandle(self, kind, peer, tag, regions.nbytes, regions, request,
                                       datatype))
+
+    def _post_cma(self, kind: HandleKind, peer: int, tag: int, nbytes: int, data: object,
+                  addresses: np.ndarray, lengths: np.ndarray) -> TransportHandle:
+        if len(lengths) > _cma.MAX_REGIONS or nbytes > _cma.MAX_NBYTES:
+            raise InvalidBufferError(
+                f"{len(lengths)} regions / {nbytes} bytes is more than one cross-memory "
+                f"operation describes ({_cma.MAX_REGIONS} regions, {_cma.MAX_NBYTES} bytes): "
+                "split it (Regions.split)")
+        if kind is HandleKind.RECV:
+            receive = _CMARecvHandle(self, peer, tag, nbytes, data, addresses, lengths)
+            self._cma_recvs.setdefault((peer, tag), collections.deque()).append(receive)
+            return receive
+        op_id = next(self._op_ids)
+        payload = _cma.encode_descriptor(op_id, self._pid, addresses, lengths)
+        request = self._comm.Isend([payload, self._mpi.BYTE], dest=peer, tag=tag)
+        send = _CMASendHandle(self, peer, tag, nbytes, data, op_id)
+        self._cma_sends[(peer, op_id)] = send
+        self._descriptor_requests.append(request)
+        self._descriptor_sends.append((send, payload))
+        return send
+
+    def _cancel_cma_recv(self, handle: _CMARecvHandle) -> None:
+        key = (handle.peer, handle.tag)
+        queue = self._cma_recvs[key]
+        queue.remove(handle)
+        if not queue:
+            del self._cma_recvs[key]
+        handle._finish(HandleState.FAILED, "cancelled")
+
+    def _advance_cma(self) -> None:
+        """Settle descriptor sends, take acks, and serve receives whose descriptor came."""
+        MPI = self._mpi
+        status = MPI.Status()
+        if self._descriptor_requests:
+            self._reap_descriptor_sends()
+        while self._cma_sends:
+            try:
+                message = self._ack_comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+            except MPI.Exception:  # a lost peer: its sends stay pending, as MPI's do
+                break
+            if message is None:
+                break
+            payload = bytearray(status.Get_count(MPI.BYTE))
+            message.Recv([payload, MPI.BYTE])
+            try:
+                op_id, reason = _cma.decode_ack(payload)
+            except DescriptorError:
+                # Not an ack (another kvhandoff version): dropped like a lost message; the
+                # send it was for stays pending until the engine's deadline settles it.
+                self.cma_dropped_acks += 1
+                continue
+            send = self._cma_sends.pop((status.Get_source(), op_id), None)
+            if send is None:  # an ack for no send of ours (the peer answered a forgery)
+                self.cma_dropped_acks += 1
+                continue
+            send._finish(HandleState.DONE if reason is None else HandleState.FAILED, reason)
+        for key in list(self._cma_recvs):
+            queue = self._cma_recvs[key]
+            while queue:
+                try:
+                    message = self._comm.Improbe(key[0], key[1], status)
+                except MPI.Exception as exc:  # as a failed Irecv: every receive from it
+                    while queue:
+                        queue.popleft()._finish(HandleState.FAILED, f"MPI error: {exc}")
+                    break
+                if message is None:
+                    break
+                payload = bytearray(status.Get_count(MPI.BYTE))
+                message.Recv([payload, MPI.BYTE])
+                self._copy_in(queue.popleft(), payload)
+            if not queue:
+                del self._cma_recvs[key]
+
+    def _reap_descriptor_sends(self) -> None:
+        MPI = self._mpi
+        statuses = [MPI.Status() for _ in self._descriptor_requests]
+        try:
+            indices = MPI.Request.Testsome(self._descriptor_requests, statuses)
+        except MPI.Exception:
+            indices = self._completed_after_error_in(self._descriptor_requests)
+        if not indices:
+            return
+        done = set(indices)
+        for k, i in enumerate(indices):
+            error = statuses[k].Get_error()
+            send = self._descriptor_sends[i][0]
+            if error != MPI.SUCCESS and self._cma_sends.pop((send.peer, send.op_id), None):
+                send._finish(HandleState.FAILED, f"MPI error: {MPI.Get_error_string(error)}")
+        self._descriptor_requests = [r for i, r in enumerate(self._descriptor_requests)
+                                     if i not in done]
+        self._descriptor_sends = [s for i, s in enumerate(self._descriptor_sends)
+                                  if i not in done]
+
+    def _copy_in(self, receive: _CMARecvHandle, payload: bytearray) -> None:
+        """Serve ``receive`` from the descriptor in ``payload``: validate, copy, ack."""
+        receive.matched = True
+        op_id: int | None = None
+        error = reason = None
+        try:
+            descriptor = _cma.decode_descriptor(payload)
+            op_id = descriptor.op_id
+            if descriptor.nbytes != receive.nbytes:
+                error = (f"size mismatch: received {descriptor.nbytes} bytes into a "
+                         f"{receive.nbytes}-byte buffer")
+                reason = (f"size mismatch: sent {descriptor.nbytes} bytes to a "
+                          f"{receive.nbytes}-byte receive")
+            else:
+                local, remote = _cma.segments(receive.addresses, receive.lengths,
+                                              descriptor.addresses, descriptor.lengths)
+                _cma.read(descriptor.pid, local, remote)
+        except DescriptorError as exc:
+            error = reason = str(exc)
+            op_id = _cma.peek_op_id(payload)
+        except CrossMemoryError as exc:
+            error = reason = str(exc)
+        if op_id is not None:
+            ack = _cma.encode_ack(op_id, reason)
+            try:
+                request = self._ack_comm.Isend([ack, self._mpi.BYTE], dest=receive.peer,
+                                               tag=receive.tag)
+            except self._mpi.Exception:
+                pass  # the sender is gone: nothing waits for this ack any more
+            else:
+                self._control_requests.append(request)  # reaped with the control sends
+                self._control_payloads.append(ack)
+        receive._finish(HandleState.DONE if error is None else HandleState.FAILED, error)
 
     def _track(self, handle: _MPIHandle) -> _MPIHandle:
         self._requests.append(handle.request)
@@ -190,6 +472,8 @@ class MPITransport(Transport):
 
     def _advance(self) -> None:
         self._reap_control_sends()
+        if self._cma_sends or self._cma_recvs or self._descriptor_requests:
+            self._advance_cma()
         if not self._requests:
             return
         if not (self._regions_pending and self.progress_spin_s):
@@ -236,7 +520,11 @@ class MPITransport(Transport):
     def _completed_after_error(self) -> list[int]:
         """After Testsome raised MPI_ERR_IN_STATUS, the completed requests are the ones now
         null; MPICH fills their statuses in ascending index order, which this relies on."""
-        return [i for i, request in enumerate(self._requests) if not request]
+        return self._completed_after_error_in(self._requests)
+
+    @staticmethod
+    def _completed_after_error_in(requests: list[Any]) -> list[int]:
+        return [i for i, request in enumerate(requests) if not request]
 
     def _outcome(self, handle: _MPIHandle, status: Any) -> tuple[HandleState, str | None]:
         MPI = self._mpi
@@ -301,7 +589,24 @@ class MPITransport(Transport):
             return
         for handle in list(self._pending):
             handle.cancel()
+        for queue in list(self._cma_recvs.values()):
+            for receive in list(queue):
+                receive.cancel()
         self._advance()
+
+
+def _probe(pid: int, address: int, token: int) -> str | None:
+    """None when 8 bytes at ``address`` of process ``pid`` read back as ``token``."""
+    out = np.zeros(1, dtype=np.uint64)
+    local = np.array([[out.ctypes.data, 8]], dtype=np.uint64)
+    remote = np.array([[address, 8]], dtype=np.uint64)
+    try:
+        _cma.read(pid, local, remote)
+    except CrossMemoryError as exc:
+        return str(exc)
+    if int(out[0]) != token:
+        return f"pid {pid} is not the peer here (another pid namespace?)"
+    return None
 
 
 def _mpi_blocks(regions: Regions) -> tuple[list[int], list[int]]:

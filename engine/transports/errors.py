@@ -20,6 +20,8 @@ __all__ = [
     "BadEncodingError",
     "BadMagicError",
     "ControlMessageTooLargeError",
+    "CrossMemoryError",
+    "DescriptorError",
     "FieldRangeError",
     "InvalidBufferError",
     "InvalidTagError",
@@ -141,6 +143,39 @@ class TransportBootstrapError(TransportError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"transport bootstrap failed: {reason}")
+
+
+class CrossMemoryError(TransportError):
+    """A cross-memory read (``process_vm_readv``) from process ``pid`` failed with ``errno``
+    after ``done`` bytes: the peer died (``ESRCH``), its memory is gone (``EFAULT``) or this
+    process may not read it (``EPERM``). Raised inside ``MPITransport``, which fails the
+    receive's handle with this message (and tells the sender)."""
+
+    def __init__(self, pid: int, errno: int, done: int) -> None:
+        import errno as codes
+        import os
+
+        self.pid = pid
+        self.errno = errno
+        self.done = done
+        name = codes.errorcode.get(errno, str(errno))
+        super().__init__(
+            f"cross-memory read from pid {pid} failed after {done} bytes: {name} "
+            f"({os.strerror(errno)}); the peer exited or freed the memory, or ptrace is not "
+            "permitted (same uid or CAP_SYS_PTRACE; pass use_cma=False to use MPI instead)")
+
+
+class DescriptorError(_Picklable):
+    """Bytes on a data tag that are not a valid cross-memory descriptor or ack (see
+    ``kvhandoff.engine.transports._cma``). ``detail`` says what was wrong; ``data`` holds up
+    to the first 64 bytes for logs. The receive fails; nothing is read or written."""
+
+    def __init__(self, detail: str, data: bytes = b"") -> None:
+        self.detail = detail
+        self.data = bytes(data[:64])
+        super().__init__(
+            f"invalid cross-memory descriptor: {detail} (check that both sides run the same "
+            "kvhandoff version)")
 
 
 class ProtocolError(_Picklable):

@@ -1,5 +1,8 @@
 """MPITransport under real ``mpiexec`` jobs (2 and 4 ranks), spawned with timeouts; a failing
-rank aborts the whole job. Skipped where mpi4py or mpiexec is missing."""
+rank aborts the whole job. Skipped where mpi4py or mpiexec is missing.
+
+Ranks on one host move data by cross-memory read (the default); ``KVHANDOFF_MPI_CMA=0`` runs
+the same scripts over MPI messages and datatypes, so both paths stay covered."""
 
 from __future__ import annotations
 
@@ -12,10 +15,14 @@ RunMPI = Callable[..., subprocess.CompletedProcess[str]]
 
 pytestmark = pytest.mark.mpi
 
+CMA_OFF = {"KVHANDOFF_MPI_CMA": "0"}
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_transport_mpi_exchange_moves_bytes_and_control(run_mpi: RunMPI, ranks: int) -> None:
-    result = run_mpi(ranks, "transport_mpi_exchange.py", timeout=120)
+
+@pytest.mark.parametrize(("ranks", "env"), [(2, None), (4, None), (2, CMA_OFF)],
+                         ids=["2-cma", "4-cma", "2-mpi"])
+def test_transport_mpi_exchange_moves_bytes_and_control(run_mpi: RunMPI, ranks: int,
+                                                        env: dict[str, str] | None) -> None:
+    result = run_mpi(ranks, "transport_mpi_exchange.py", timeout=120, env=env)
     for rank in range(ranks):
         assert f"rank {rank}/{ranks} transport OK" in result.stdout, result.stdout
 
@@ -37,10 +44,29 @@ def test_transport_mpi_missing_mpi4py_is_typed(monkeypatch: pytest.MonkeyPatch) 
     assert info.value.backend == "mpi" and "pip install kvhandoff[mpi]" in str(info.value)
 
 
-def test_transport_mpi_regions_move_block_to_block(run_mpi: RunMPI) -> None:
-    result = run_mpi(2, "transport_mpi_regions.py", timeout=120)
+@pytest.mark.parametrize("env", [None, CMA_OFF], ids=["cma", "mpi-datatype"])
+def test_transport_mpi_regions_move_block_to_block(run_mpi: RunMPI,
+                                                   env: dict[str, str] | None) -> None:
+    result = run_mpi(2, "transport_mpi_regions.py", timeout=120, env=env)
     for rank in range(2):
         assert f"rank {rank} regions OK" in result.stdout, result.stdout
+
+
+def test_transport_mpi_cma_moves_blocks_and_keeps_them_until_acked(run_mpi: RunMPI) -> None:
+    result = run_mpi(2, "transport_mpi_cma.py", "transport,engine", timeout=180)
+    if "cma unavailable" in result.stdout:
+        pytest.skip(result.stdout.strip().splitlines()[0])
+    for rank in range(2):
+        for mode in ("transport", "engine"):
+            assert f"rank {rank} cma {mode} OK" in result.stdout, result.stdout
+
+
+def test_engine_zero_copy_over_mpi_datatypes(run_mpi: RunMPI) -> None:
+    """The engine's region path over MPI datatypes (CMA off): its pairings and faults."""
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths,faults", timeout=240, env=CMA_OFF)
+    for rank in range(2):
+        for mode in ("paths", "faults"):
+            assert f"rank {rank} zero-copy {mode} OK" in result.stdout, result.stdout
 
 
 def test_transport_mpi_region_longer_than_an_int_is_described_as_several() -> None:

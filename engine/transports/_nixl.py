@@ -65,7 +65,9 @@ prints how long: tens of milliseconds per 64 MiB in 32 KiB pieces on the 2-core 
 call releases the GIL, so a caller may run the engine's tick in a worker thread).
 
 Bootstrap: each rank creates its agent and the ranks exchange agent metadata once. The
-constructor takes an ``exchange`` function (this rank's metadata in, every rank's out);
+constructor takes an ``exchange`` function (this rank's metadata in, every rank's out),
+called twice: the metadata, then, once every peer's metadata is loaded, a ``connected``
+token, so no rank goes on (and perhaps exits) while another still connects to it;
 ``over_mpi(comm)`` allgathers it over MPI (raw bytes), ``rendezvous(folder, ...)`` through
 files in a folder on the local file system (for processes on one host without MPI: no port
 is picked in advance, so none can be taken by another job first).
@@ -308,11 +310,16 @@ class _Peer:
 # -- the transport ----------------------------------------------------------------------------
 
 
+#: The token of the bootstrap's second, barrier round.
+CONNECTED = b"kvhandoff-nixl-connected"
+
+
 class NixlTransport(Transport):
     """Point-to-point over NIXL agents, one per rank, connected by ``exchange``.
 
     ``exchange(metadata) -> every rank's metadata`` shares this rank's agent metadata with
-    the others (``over_mpi`` and ``rendezvous`` build it); ``tensors`` are registered before
+    the others (``over_mpi`` and ``rendezvous`` build it), and is then called once more with
+    ``CONNECTED`` as a barrier; ``tensors`` are registered before
     the exchange, so peers know them from the start. ``probe_interval_s``: how often a peer
     with open operations is probed; ``fence_grace_s``: how long a receive waits after its
     peer was lost before it fails (see the module docstring). ``progress_thread``: NIXL's own
@@ -374,6 +381,13 @@ class NixlTransport(Transport):
             if text in self._by_name or text == self.name:
                 raise TransportBootstrapError(f"two ranks share the agent name {text!r}")
             self._peers[peer_rank] = self._by_name[text] = _Peer(peer_rank, text)
+        # A barrier: a rank that finished early must not close its agent while a slower one
+        # still connects to it (UCX then refuses the connection and the slow rank fails).
+        acks = list(exchange(CONNECTED))
+        if len(acks) != world_size or any(ack != CONNECTED for ack in acks):
+            raise TransportBootstrapError(
+                "the connected barrier of the bootstrap returned something else than one "
+                f"{CONNECTED!r} per rank")
 
     # -- bootstrap helpers ---------------------------------------------------------------
 
@@ -409,15 +423,17 @@ class NixlTransport(Transport):
         others'. ``TransportBootstrapError`` if a rank's file does not appear in
         ``timeout_s``. The folder should be fresh for each group."""
         root = Path(folder)
+        rounds = itertools.count()
 
         def exchange(metadata: bytes) -> list[bytes]:
-            temporary = root / f".rank{rank}.nixl-md.{os.getpid()}"
+            suffix = f"nixl-md{next(rounds) or ''}"  # one file per round: metadata, barrier
+            temporary = root / f".rank{rank}.{suffix}.{os.getpid()}"
             temporary.write_bytes(metadata)
-            os.replace(temporary, root / f"rank{rank}.nixl-md")
+            os.replace(temporary, root / f"rank{rank}.{suffix}")
             deadline = time.monotonic() + timeout_s
             out: list[bytes] = []
             for other in range(world_size):
-                path = root / f"rank{other}.nixl-md"
+                path = root / f"rank{other}.{suffix}"
                 pause = 1e-3
                 while not path.exists():
                     if time.monotonic() > deadline:

@@ -141,7 +141,9 @@ def _pair(**kwargs: object) -> list[NixlTransport]:
         def exchange(mine: bytes) -> list[bytes]:
             metadata[rank] = mine
             barrier.wait()
-            return list(metadata)
+            out = list(metadata)
+            barrier.wait()  # both read before either writes the next round (the barrier)
+            return out
         try:
             made[rank] = NixlTransport(rank, 2, exchange, **kwargs)  # type: ignore[arg-type]
         except BaseException as exc:

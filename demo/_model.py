@@ -14,15 +14,17 @@ Ranks 0 and 1 are the prefill TP group, 2 and 3 the decode group; prefill rank `
 ``tp_rank``/``tp_size``, and the model's identity in ``extra``), so the layout the engine
 checks at the handshake is the model's own. For every request:
 
-* prefill: ``send(..., layerwise=True)``, then the model's forward runs in a worker thread;
-  a forward hook on each decoder layer writes that layer's K/V shard into the blocks
-  (``kvcache.write_layer``) and calls ``handle.layer_ready(layer)`` on the event loop, so the
-  engine moves layer ``i`` while layer ``i + 1`` computes (seed 003's path: one operation per
-  layer on every rank). The bytes the engine had moved when the last layer finished
-  computing are counted: that is the overlap, measured, not assumed. (Both prefill ranks
-  run the whole model and each sends its own heads: the KV bytes are those of a TP=2
-  prefill.)
-* decode: ``receive(..., layerwise=True)``; once it completes, the shard is read back
+* prefill: ``send(..., layerwise=True, num_tokens=, metadata=)`` (the prompt's token count:
+  its last block is partly filled; the prompt's digest as the metadata), then the model's
+  forward runs in a worker thread; a forward hook on each decoder layer writes that layer's
+  K/V shard into the blocks (``kvcache.write_layer``) and calls
+  ``handle.layer_ready(layer)`` on the event loop, so the engine moves layer ``i`` while
+  layer ``i + 1`` computes (seed 003's path: one operation per layer on every rank). The
+  bytes the engine had moved when the last layer finished computing are counted: that is the
+  overlap, measured, not assumed. (Both prefill ranks run the whole model and each sends its
+  own heads: the KV bytes are those of a TP=2 prefill.)
+* decode: ``receive(..., layerwise=True, num_tokens=)``; once it completes (the result
+  carries the sender's metadata, checked against this rank's prompt), the shard is read back
   (``kvcache.read_cache``) and compared with the reference, decoding in one place: this rank
   runs the prefill itself, unsharded, and its cache's heads of this shard must equal the
   received ones byte for byte (a swapped block order shows here, which token equality alone
@@ -158,6 +160,15 @@ def layout_for(model: Any, plan: ModelPlan, tp_rank: int) -> KVLayout:
                     tp_rank=tp_rank, tp_size=TP, extra=(MODEL_NAME, f"seed={plan.seed}"))
 
 
+def prompt_digest(prompt: torch.Tensor) -> bytes:
+    """The transfer's metadata: the prompt's length and a digest of its token ids, so the
+    decode rank can tell that the KV it got is of the prompt it means to continue."""
+    import hashlib
+
+    digest = hashlib.blake2b(prompt.numpy().tobytes(), digest_size=16).hexdigest()
+    return f"prompt_tokens={prompt.shape[-1]};blake2b={digest}".encode()
+
+
 def prompt_ids(plan: ModelPlan, request: ModelRequest, vocab: int) -> torch.Tensor:
     import torch
 
@@ -241,7 +252,10 @@ class ModelHost:
         rid = request.request_id
         prompt = prompt_ids(self.plan, request, self.model.config.vocab_size)
         ids = self.pool.alloc(math.ceil(request.tokens / self.plan.block_tokens), owner=rid)
-        handle = self.engine.send(rid, ids, self.peer, layerwise=True)
+        # Only the prompt's tokens count (the last block is partly filled), and the prompt's
+        # digest rides along as the transfer's metadata.
+        handle = self.engine.send(rid, ids, self.peer, layerwise=True,
+                                  num_tokens=request.tokens, metadata=prompt_digest(prompt))
         cache = _transformers().DynamicCache(config=self.model.config)
 
         last = self.pool.num_layers - 1
@@ -274,12 +288,15 @@ class ModelHost:
         rid = request.request_id
         ids = self.pool.alloc(math.ceil(request.tokens / self.plan.block_tokens), owner=rid)
         try:
-            await self.engine.receive(rid, ids, self.peer, layerwise=True).wait()
-            shard = read_cache(self.pool, ids, request.tokens)
+            result = await self.engine.receive(rid, ids, self.peer, layerwise=True,
+                                               num_tokens=request.tokens).wait()
+            shard = read_cache(self.pool, ids, result.num_tokens)
         finally:
             self.pool.free(ids, owner=rid)
         # The reference: the same prefill, in one place, unsharded.
         prompt = prompt_ids(self.plan, request, self.model.config.vocab_size)
+        if result.metadata != prompt_digest(prompt):
+            return "metadata_mismatch"
         token, reference = prefill(self.model, prompt)
         layout = self.pool.layout
         h0, h1 = layout.tp_rank * layout.kv_heads, (layout.tp_rank + 1) * layout.kv_heads
@@ -341,8 +358,8 @@ def _rank(plan: ModelPlan, rank: int, transport: Any, tp_comm: CheckedComm,
     model = build_model(plan)
     pool = BlockPool.from_layout(layout_for(model, plan, rank % TP), plan.num_blocks,
                                  debug=True)
-    engine = TransferEngine(pool, transport, tp_comm=tp_comm, config=_engine_config(),
-                            layout_extra=(rank % TP, TP))
+    # The layout has the TP shard (tp_rank, tp_size): no layout_extra for it.
+    engine = TransferEngine(pool, transport, tp_comm=tp_comm, config=_engine_config())
     return ModelHost(plan, rank, model, pool, engine, kv_comm)
 
 

@@ -348,7 +348,8 @@ class ModelHost:
 def _engine_config() -> Any:
     from kvhandoff.engine import EngineConfig
 
-    return EngineConfig(queue_timeout_s=120.0, transfer_timeout_s=120.0, drain_timeout_s=20.0)
+    return EngineConfig(queue_timeout_s=120.0, transfer_timeout_s=120.0, drain_timeout_s=20.0,
+                        checksum=True)  # as the byte demo: the engine verifies each transfer
 
 
 def _rank(plan: ModelPlan, rank: int, transport: Any, tp_comm: CheckedComm,

@@ -219,6 +219,7 @@ class ControlPlane:
             advertise, request_id=rid, block_count=len(transfer.block_ids),
             total_bytes=transfer.total_nbytes, layout_fingerprint=engine.layout_fingerprint,
             num_chunks=transfer.num_chunks, num_tokens=transfer.num_tokens,
+            block_tokens=engine.pool.layout.block_tokens,
         )
         if mismatch is not None:
             # CANCEL: we post nothing, so the receiver must cancel its receives.

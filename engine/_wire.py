@@ -189,7 +189,8 @@ class Advertise:
     ``want_checksum``: the sender must answer with ACCEPT carrying its checksum of the bytes
     it sent, which the receiver compares with what landed before it confirms (DONE).
     ``num_tokens`` is how many tokens the receive takes (the last block may be partly
-    valid); ``layout`` the receiver's encoded ``KVLayout`` (empty: not sent)."""
+    valid; 0: not said, every slot of every block); ``layout`` the receiver's encoded
+    ``KVLayout`` (empty: not sent)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.ADVERTISE
     request_id: str
@@ -199,7 +200,7 @@ class Advertise:
     data_tag: int
     num_chunks: int = 1
     want_checksum: bool = False
-    num_tokens: int = 1
+    num_tokens: int = 0
     layout: bytes = b""
 
     def __attrs_post_init__(self) -> None:
@@ -211,7 +212,7 @@ class Advertise:
         _check_int("data_tag", self.data_tag, 1, MAX_DATA_TAG - (self.num_chunks - 1))
         if type(self.want_checksum) is not bool:
             raise FieldRangeError("want_checksum", self.want_checksum, "a bool")
-        _check_int("num_tokens", self.num_tokens, 1, MAX_TOTAL_TOKENS)
+        _check_int("num_tokens", self.num_tokens, 0, MAX_TOTAL_TOKENS)
         _check_bytes("layout", self.layout, MAX_LAYOUT_FIELD_BYTES)
         if self.total_bytes % self.block_count:
             raise FieldRangeError(
@@ -499,6 +500,7 @@ def validate_advertise(
     layout_fingerprint: int,
     num_chunks: int = 1,
     num_tokens: int | None = None,
+    block_tokens: int = 0,
 ) -> Fail | None:
     """The sender's check of a receiver's advertise against its own transfer: ``None`` when
     they agree, else the ``Fail`` message to send back (and whose reason fails the sender's
@@ -521,6 +523,8 @@ def validate_advertise(
         return fail(FailReason.SIZE_MISMATCH, "total bytes", advertise.total_bytes, total_bytes)
     if advertise.num_chunks != num_chunks:
         return fail(FailReason.CHUNK_MISMATCH, "chunks", advertise.num_chunks, num_chunks)
-    if num_tokens is not None and advertise.num_tokens != num_tokens:
-        return fail(FailReason.SIZE_MISMATCH, "num tokens", advertise.num_tokens, num_tokens)
+    # An advertise that does not say (0) takes every slot of every block.
+    theirs = advertise.num_tokens or advertise.block_count * block_tokens
+    if num_tokens is not None and theirs != num_tokens:
+        return fail(FailReason.SIZE_MISMATCH, "num tokens", theirs, num_tokens)
     return None

@@ -69,7 +69,7 @@ def _raw(kind: int, body: bytes, *, magic: bytes = wire.MAGIC,
 
 
 def _advertise_raw(block_count: int, total_bytes: int, *, tag: int = 5, chunks: int = 1,
-                   rid: bytes = b"req", flags: int = 0, tokens: int = 1,
+                   rid: bytes = b"req", flags: int = 0, tokens: int = 0,
                    layout: bytes = b"") -> bytes:
     body = struct.pack("!IQQIIBQHH", block_count, total_bytes, 99, tag, chunks, flags,
                        tokens, len(rid), len(layout)) + rid + layout
@@ -189,7 +189,6 @@ def test_wire_unknown_kind_rejected() -> None:
         (_advertise_raw(1, 16, tag=2**31), "data_tag"),
         (_advertise_raw(1, 16, rid=b""), "request_id"),
         (_advertise_raw(1, 16, rid=b"r" * 257), "request_id"),
-        (_advertise_raw(1, 16, tokens=0), "num_tokens"),
         (_advertise_raw(1, 16, tokens=2**40 + 1), "num_tokens"),
         (_advertise_raw(1, 16, layout=b"L" * (wire.MAX_LAYOUT_FIELD_BYTES + 1)), "layout"),
         (_accept_raw(b"m" * (wire.MAX_METADATA_BYTES + 1)), "metadata"),
@@ -231,7 +230,7 @@ def test_wire_non_bytes_input_is_protocol_error(value: object) -> None:
         (lambda: Accept("r", 1, 0, "text"), "metadata"),  # type: ignore[arg-type]
         (lambda: Accept("r", 1, 0, bytearray(b"m")), "metadata"),  # type: ignore[arg-type]
         (lambda: Accept("r", 1, 0, b"m" * (wire.MAX_METADATA_BYTES + 1)), "metadata"),
-        (lambda: Advertise("r", 1, 16, 0, 1, 1, False, 0), "num_tokens"),
+        (lambda: Advertise("r", 1, 16, 0, 1, 1, False, -1), "num_tokens"),
         (lambda: Advertise("r", 1, 16, 0, 1, 1, False, 1, "layout"),  # type: ignore[arg-type]
          "layout"),
     ],
@@ -272,7 +271,7 @@ def _advertises(draw: st.DrawFn) -> Advertise:
     return Advertise(
         draw(_request_ids), block_count, block_count * num_chunks * unit,
         draw(st.integers(0, 2**64 - 1)), draw(st.integers(1, 2**31 - 64)), num_chunks,
-        draw(st.booleans()), draw(st.integers(1, 2**40)),
+        draw(st.booleans()), draw(st.integers(0, 2**40)),
         draw(st.binary(max_size=wire.MAX_LAYOUT_FIELD_BYTES)),
     )
 
@@ -380,6 +379,19 @@ def test_validate_advertise_accepts_matching_transfer() -> None:
     adv = Advertise("req", 8, 8 * 1024, FP, 3, 2)
     assert validate_advertise(adv, request_id="req", block_count=8, total_bytes=8 * 1024,
                               layout_fingerprint=FP, num_chunks=2) is None
+
+
+def test_validate_advertise_without_a_token_count_means_every_slot() -> None:
+    """An advertise that does not say its count (0, e.g. built by hand) takes every slot of
+    every block: it matches a sender of whole blocks and is size_mismatch for a partial one."""
+    adv = Advertise("req", 8, 8 * 1024, FP, 3, 2)
+    assert adv.num_tokens == 0
+    common = dict(request_id="req", block_count=8, total_bytes=8 * 1024,
+                  layout_fingerprint=FP, num_chunks=2, block_tokens=16)
+    assert validate_advertise(adv, num_tokens=128, **common) is None  # type: ignore[arg-type]
+    fail = validate_advertise(adv, num_tokens=121, **common)  # type: ignore[arg-type]
+    assert fail is not None and fail.reason is FailReason.SIZE_MISMATCH
+    assert "num tokens: receiver 128, sender 121" in fail.detail
 
 
 @pytest.mark.parametrize(

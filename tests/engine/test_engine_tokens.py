@@ -88,7 +88,10 @@ async def test_bad_num_tokens_and_metadata_raise_before_anything_changes() -> No
             with pytest.raises(EngineConfigError):
                 e1.receive("b", p1.alloc(3, owner=f"r{tokens!r}"), 0,
                            num_tokens=tokens)  # type: ignore[arg-type]
-        bad_metadata: list[object] = ["text", b"m" * (wire.MAX_METADATA_BYTES + 1), 7, None]
+        from kvhandoff.engine import MAX_METADATA_BYTES
+
+        assert MAX_METADATA_BYTES == wire.MAX_METADATA_BYTES == 3072  # the public bound
+        bad_metadata: list[object] = ["text", b"m" * (MAX_METADATA_BYTES + 1), 7, None]
         for metadata in bad_metadata:
             with pytest.raises(EngineConfigError) as info:
                 e0.send("b", src, 1, metadata=metadata)  # type: ignore[arg-type]

@@ -491,6 +491,9 @@ def run(args: argparse.Namespace) -> int:
     from kvhandoff.kvcache import MissingExtraError
 
     try:
+        if args.backend not in ("embedded", "mpi"):
+            raise ValueError(f"--model runs embedded or with --backend mpi, not --backend "
+                             f"{args.backend}")
         plan = make_model_plan(args)
         _transformers()
     except (ValueError, MissingExtraError) as error:

@@ -54,6 +54,11 @@ def test_model_plan_is_seeded_and_refuses_bad_options() -> None:
             _model.make_model_plan(_args(*SMALL, *bad))
 
 
+def test_model_demo_refuses_the_nixl_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.run(_args(*SMALL, "--backend", "nixl")) == 2
+    assert "--model runs embedded or with --backend mpi" in capsys.readouterr().err
+
+
 def test_model_demo_without_transformers_names_the_extra(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError

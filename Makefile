@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.kvhandoff
 
-.PHONY: venv demo test lint gpu-check clean
+.PHONY: venv demo demo-model demo-model-mpi test lint gpu-check clean
 
 $(STAMP)-venv:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,10 +23,21 @@ $(STAMP)-demo: pyproject.toml $(STAMP)-venv
 
 $(STAMP)-test: pyproject.toml $(STAMP)-venv
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[mpi,test,dev,hf,nixl]'
-	touch $@ $(STAMP)-demo
+	touch $@ $(STAMP)-demo $(STAMP)-demo-model
 
 demo: $(STAMP)-demo
 	$(VENV)/bin/kvhandoff demo
+
+# The real-model demo: a small random-initialised Llama (the hf extra: transformers).
+$(STAMP)-demo-model: pyproject.toml $(STAMP)-venv
+	$(PY) -m pip install -q -e '.[mpi,hf]'
+	touch $@
+
+demo-model: $(STAMP)-demo-model
+	$(VENV)/bin/kvhandoff demo --model
+
+demo-model-mpi: $(STAMP)-demo-model
+	PATH="$(abspath $(VENV))/bin:$$PATH" mpiexec -n 4 $(VENV)/bin/kvhandoff demo --model --backend mpi
 
 test: $(STAMP)-test
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

@@ -49,10 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads per process (default: 1: the ranks' copies "
                              "are small and the ranks share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--model", action="store_true",
+                        help="a real model instead of random bytes: a small random-initialised "
+                             "Llama (extra `hf`: pip install 'kvhandoff[hf]') prefills on ranks "
+                             "0-1, its KV moves layer by layer as each layer's forward ends, "
+                             "ranks 2-3 decode; uses --requests, --seed, --block-tokens, "
+                             "--min-tokens, --max-tokens, --decode-steps")
+    parser.add_argument("--decode-steps", type=int, default=8, metavar="N",
+                        help="with --model: greedy tokens decoded per request (default: 8)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; the exit code: 0 clean, 1 failed books or requests, 2 bad options."""
+    if args.model:
+        from kvhandoff.demo import _model
+
+        return _model.run(args)
     try:
         plan = make_plan(args)
     except ValueError as error:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from kvhandoff.engine._config import EngineConfig
     from kvhandoff.engine._engine import TransferEngine
     from kvhandoff.engine._handle import DrainReport, EngineStats, TransferHandle, TransferResult
+    from kvhandoff.engine._wire import MAX_METADATA_BYTES
     from kvhandoff.engine.layout import MAX_LAYOUT_BYTES, KVLayout, LayoutDifference
     from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
 
@@ -59,6 +60,7 @@ _LAZY: dict[str, str] = {
     "KVLayout": "kvhandoff.engine.layout",
     "LayoutDifference": "kvhandoff.engine.layout",
     "MAX_LAYOUT_BYTES": "kvhandoff.engine.layout",
+    "MAX_METADATA_BYTES": "kvhandoff.engine._wire",
     "TransferEngine": "kvhandoff.engine._engine",
     "TransferHandle": "kvhandoff.engine._handle",
     "TransferResult": "kvhandoff.engine._handle",
@@ -66,6 +68,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "MAX_LAYOUT_BYTES",
+    "MAX_METADATA_BYTES",
     "POISON_BLOCK_BYTE",
     "AdoptError",
     "BlockPool",

@@ -4,14 +4,16 @@ FAIL / CANCEL.
 The handshake, for one request::
 
     receiver: receive()  -> pin blocks, take a staging buffer, post the receive(s),
-                            send ADVERTISE(request, blocks, bytes, layout, data tag, chunks,
-                            want checksum)
+                            send ADVERTISE(request, blocks, bytes, layout fingerprint, data
+                            tag, chunks, want checksum, tokens, encoded layout)
     sender:   ADVERTISE  -> validate against its own send(); a mismatch fails both sides
-                            with a typed reason (CANCEL goes back); else gather the blocks
-                            into a staging buffer and post the send(s); with want checksum,
-                            ACCEPT(checksum of the bytes sent) once every chunk is posted
-    receiver: all final  -> scatter (compare the checksum with ACCEPT's), report OK; once
-                            its outcome is COMPLETE (the TP group agreed), DONE
+                            with a typed reason (CANCEL goes back, its detail naming each
+                            differing layout field with both values); else gather the blocks
+                            into a staging buffer and post the send(s); once every chunk is
+                            posted, ACCEPT(metadata, checksum of the bytes sent if asked)
+    receiver: all final  -> scatter; once the ACCEPT is in too (either order): keep its
+         and ACCEPT         metadata, compare the checksum, report OK; once its outcome is
+                            COMPLETE (the TP group agreed), DONE
     sender:   DONE       -> CONFIRMED: the outcome is success (complete once quiescent too)
 
 *The outcome handshake.* The receiver is the one side that knows whether every byte landed,
@@ -42,6 +44,8 @@ from typing import TYPE_CHECKING
 from kvhandoff.engine import _wire as wire
 from kvhandoff.engine._agreement import OK
 from kvhandoff.engine._transfer import Transfer, WindDown
+from kvhandoff.engine.errors import LayoutDecodeError
+from kvhandoff.engine.layout import KVLayout
 from kvhandoff.engine.transports.errors import ProtocolError
 from kvhandoff.sessions import Event, FailureReason, Role
 
@@ -93,6 +97,14 @@ _EarlyKey = tuple[int, str]  # (source rank, request id)
 _EarlyAdvertise = tuple[wire.Advertise, float]  # (message, arrived at)
 
 
+def _clip(text: str) -> str:
+    """``text`` within ``MAX_DETAIL_BYTES`` of UTF-8 (cut at a character boundary)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= wire.MAX_DETAIL_BYTES:
+        return text
+    return raw[:wire.MAX_DETAIL_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
 class ControlPlane:
     """The control messages of one engine: what it sends, and what it does with what
     arrives. Session changes go through the engine (``engine._apply``)."""
@@ -127,15 +139,17 @@ class ControlPlane:
             total_bytes=transfer.total_nbytes,
             layout_fingerprint=self._engine.layout_fingerprint,
             data_tag=transfer.data_tag, num_chunks=transfer.num_chunks,
-            want_checksum=self._want_checksum,
+            want_checksum=self._want_checksum, num_tokens=transfer.num_tokens,
+            layout=self._engine.layout_bytes,
         ))
         transfer.want_checksum = self._want_checksum
 
     def accept(self, transfer: Transfer) -> None:
-        """Every chunk is gathered and posted: send the receiver our checksum of them."""
+        """Every chunk is gathered and posted: send the receiver the host's metadata and,
+        when it asked, our checksum of the bytes."""
+        checksum = self._engine._datapath.checksum(transfer) if transfer.want_checksum else 0
         self.send(transfer.peer, wire.Accept(
-            transfer.request_id, transfer.data_tag,
-            self._engine._datapath.checksum(transfer)))
+            transfer.request_id, transfer.data_tag, checksum, transfer.metadata))
 
     def done(self, transfer: Transfer) -> None:
         """This receiver's outcome is COMPLETE: confirm it to the sender."""
@@ -201,10 +215,11 @@ class ControlPlane:
         if not transfer.session.allows(Event.ADVERTISE):
             self.reject(source, "advertise", f"second advertise for {rid!r}")
             return
-        mismatch = wire.validate_advertise(
+        mismatch = self._layout_mismatch(advertise) or wire.validate_advertise(
             advertise, request_id=rid, block_count=len(transfer.block_ids),
             total_bytes=transfer.total_nbytes, layout_fingerprint=engine.layout_fingerprint,
-            num_chunks=transfer.num_chunks,
+            num_chunks=transfer.num_chunks, num_tokens=transfer.num_tokens,
+            block_tokens=engine.pool.layout.block_tokens,
         )
         if mismatch is not None:
             # CANCEL: we post nothing, so the receiver must cancel its receives.
@@ -216,6 +231,25 @@ class ControlPlane:
         engine._leases.engaged(source, now)
         engine._datapath.start_send(transfer, advertise.data_tag, now,
                                     want_checksum=advertise.want_checksum)
+
+    def _layout_mismatch(self, advertise: wire.Advertise) -> wire.Fail | None:
+        """The receiver's layout (from its advertise) against our pool's: a ``Fail`` naming
+        every differing field with both values, or None when they agree (the fingerprint,
+        checked next, still covers the engines' ``layout_extra``)."""
+        if not advertise.layout:
+            return None  # not described: the fingerprint alone decides
+        try:
+            theirs = KVLayout.decode(advertise.layout)
+        except LayoutDecodeError as exc:
+            return wire.Fail(advertise.request_id, wire.FailReason.PROTOCOL_ERROR,
+                             _clip(f"the receiver's layout is unreadable: {exc}"))
+        differences = self._engine.pool.layout.diff(theirs)
+        if not differences:
+            return None
+        detail = "layout: " + "; ".join(f"{d.field} receiver {d.there!r}, sender {d.here!r}"
+                                        for d in differences)
+        return wire.Fail(advertise.request_id, wire.FailReason.LAYOUT_MISMATCH,
+                         _clip(detail))
 
     def take_early(self, request_id: str, source: int) -> wire.Advertise | None:
         """The advertise that ``source`` sent for ``request_id`` before the host's send(),
@@ -256,38 +290,37 @@ class ControlPlane:
         engine._agreement.report(rid, OK)
 
     def _on_accept(self, source: int, message: wire.Accept, now: float) -> None:
-        """The sender's checksum of the bytes it sent (asked for in our advertise)."""
+        """The sender posted every chunk: keep its metadata (and checksum, when asked for);
+        a receive whose bytes already landed settles now."""
         engine = self._engine
         rid = message.request_id
         transfer = engine._transfers.get(rid)
         if (transfer is None or transfer.peer != source or transfer.role is not Role.RECEIVER
-                or not transfer.want_checksum or transfer.sent_checksum is not None):
+                or transfer.accepted or message.data_tag != transfer.data_tag):
             if transfer is None and engine.was_released(rid):
                 return
             self.reject(source, "accept", f"{rid!r} is not a receive from rank {source} "
-                        "waiting for a checksum")
+                        "waiting for its accept")
             return
-        transfer.sent_checksum = message.checksum
-        if transfer.landed_checksum is not None:
-            self._compare_checksums(transfer, now)
+        transfer.accepted = True
+        transfer.metadata = message.metadata
+        if transfer.want_checksum:
+            transfer.sent_checksum = message.checksum
+        self._settle_received(transfer, now)
 
     def received(self, transfer: Transfer, now: float) -> None:
-        """A receiver's bytes are in its blocks: report OK, once the checksum (when asked
-        for) matched the sender's."""
+        """A receiver's bytes are in its blocks: report OK once the sender's ACCEPT is in
+        too (else when it comes) and the checksum, when asked for, matched the sender's."""
         if transfer.want_checksum:
             transfer.landed_checksum = self._engine._datapath.checksum(transfer)
-            if transfer.sent_checksum is None:
-                return  # the sender's ACCEPT is on its way
-            self._compare_checksums(transfer, now)
-            return
-        self._engine._agreement.report(transfer.request_id, OK)
+        self._settle_received(transfer, now)
 
-    def _compare_checksums(self, transfer: Transfer, now: float) -> None:
+    def _settle_received(self, transfer: Transfer, now: float) -> None:
         engine = self._engine
         session = transfer.session
-        if not session.local_final or session.failure is not None:
-            return  # not landed yet, or failed meanwhile
-        if transfer.sent_checksum == transfer.landed_checksum:
+        if not session.local_final or session.failure is not None or not transfer.accepted:
+            return  # not landed yet, failed meanwhile, or the sender's ACCEPT is on its way
+        if not transfer.want_checksum or transfer.sent_checksum == transfer.landed_checksum:
             engine._agreement.report(transfer.request_id, OK)
             return
         engine._apply(transfer, Event.ABORT, now, reason=FailureReason.CHECKSUM_MISMATCH,

@@ -76,9 +76,12 @@ class TransferEngine:
 
     ``tp_comm`` is this rank's tensor-parallel group (a ``CheckedComm``): when given, a
     transfer completes only when every rank of the group has its shard, and blocks are
-    released only when every rank's transport is done with them. ``layout_extra`` goes into
-    the layout fingerprint (e.g. ``(tp_rank, tp_size)``), so two ranks whose shards do not
-    match fail the handshake with ``layout_mismatch`` instead of moving wrong bytes.
+    released only when every rank's transport is done with them. The layout checked at the
+    handshake is the pool's (``pool.layout``: its fields travel in the receiver's advertise,
+    and a mismatch names each differing field with both values); ``layout_extra`` is added
+    to its fingerprint (e.g. ``(tp_rank, tp_size)`` for a pool whose layout does not say its
+    TP shard), so two ranks whose shards do not match fail the handshake with
+    ``layout_mismatch`` instead of moving wrong bytes.
 
     The public calls (``send``, ``receive``, ``cancel``, ``health``, ``session``, ``stats``)
     never block. Use from the event loop that entered the context; not thread-safe. An
@@ -110,8 +113,16 @@ class TransferEngine:
         self.transport = transport
         self.tp_comm = tp_comm
         self.rank = transport.rank if rank is None else rank
-        self.layout_fingerprint = wire.layout_fingerprint(
-            pool.num_layers, pool.block_shape, pool.dtype, extra=tuple(layout_extra))
+        layout = pool.layout
+        extra = tuple(layout_extra)
+        if layout.tp_size > 1 and extra[:2] == (layout.tp_rank, layout.tp_size):
+            raise EngineConfigError("layout_extra", layout_extra,
+                                    "not the pool layout's TP shard again (pool.layout says "
+                                    "it, and the fingerprint has it already)")
+        # The pool's layout, once: its fingerprint (equal to the one computed from the pool's
+        # shape for an NHD pool of one shard) and its encoded form for the advertise.
+        self.layout_fingerprint = layout.fingerprint(extra=extra)
+        self.layout_bytes = layout.encode()
         self._clock = clock
         self._log = rank_logger(self.rank)
         # Asked again at every tick and public call: ``configure_logging()`` may come after
@@ -191,16 +202,25 @@ class TransferEngine:
     # --- public calls -----------------------------------------------------------------------
 
     def send(self, request_id: str, block_ids: Iterable[int], peer: int, *,
-             layerwise: bool = False) -> TransferHandle:
+             layerwise: bool = False, num_tokens: int | None = None,
+             metadata: bytes = b"") -> TransferHandle:
         """Send the KV of ``block_ids`` (every layer, K and V) to ``peer`` once the receiver
         there has advertised a matching ``receive``. The blocks are read when the
         receiver's advertise arrives, not at ``send()``, and stay pinned until the transfer
         is quiescent; the host may ``free()`` them at any time (the pool defers it). With
         ``layerwise=True`` each layer moves as soon as ``handle.layer_ready(i)`` was called
-        and the receiver has advertised. Bad arguments raise before anything changes; a
-        transfer that fails at once returns a handle whose ``wait()`` raises."""
+        and the receiver has advertised. ``num_tokens``: the tokens the blocks hold (the
+        last block may be partly filled; default: every slot of every block); the
+        receiver's must be the same (``size_mismatch`` otherwise). ``metadata``: at most
+        ``MAX_METADATA_BYTES`` opaque bytes delivered in the receiver's ``TransferResult``
+        (never interpreted, never unpickled). Do not write into the blocks after ``send()``
+        (for a layer-wise send: into a layer after its ``layer_ready``) until ``wait()``
+        returns: they are read whenever the receiver's advertise arrives. Bad arguments
+        raise before anything changes; a transfer that fails at once returns a handle whose
+        ``wait()`` raises."""
         self._log_on = logging_enabled()
-        transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise)
+        transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise,
+                               num_tokens=num_tokens, metadata=metadata)
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
         early = self._control.take_early(request_id, peer)
@@ -210,18 +230,20 @@ class TransferEngine:
         return handle
 
     def receive(self, request_id: str, block_ids: Iterable[int], peer: int, *,
-                layerwise: bool = False) -> TransferHandle:
+                layerwise: bool = False, num_tokens: int | None = None) -> TransferHandle:
         """Receive a request's KV from ``peer`` into ``block_ids``: the receive is posted and
         advertised at once. ``layerwise`` must match the sender's (``layout_mismatch``
-        otherwise). Raises ``DataTagsExhaustedError`` before anything changes when the
-        transport has no free data tags left for it."""
+        otherwise), and ``num_tokens`` (default: every slot of every block) too
+        (``size_mismatch``). The result carries the sender's ``metadata``. Raises
+        ``DataTagsExhaustedError`` before anything changes when the transport has no free
+        data tags left for it."""
         self._log_on = logging_enabled()
         chunks = self.pool.num_layers if layerwise else 1
         self._check_admissible(request_id, peer)
         first_tag = self._datapath.reserve_tags(request_id, chunks)
         try:
             transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise,
-                                   checked=True)
+                                   checked=True, num_tokens=num_tokens)
         except BaseException:
             self._datapath.free_tags(first_tag, chunks)
             raise
@@ -376,7 +398,8 @@ class TransferEngine:
                                     f"a rank in 0..{world - 1} other than this rank ({me})")
 
     def _admit(self, request_id: str, block_ids: Iterable[int], peer: int, role: Role,
-               layerwise: bool, *, checked: bool = False) -> Transfer:
+               layerwise: bool, *, checked: bool = False, num_tokens: int | None = None,
+               metadata: bytes = b"") -> Transfer:
         """Validate (``checked``: the id and peer were already), pin, admit: every failure
         leaves the pool and the table as they were."""
         if not checked:
@@ -387,6 +410,13 @@ class TransferEngine:
             raise EngineConfigError("block_ids", exc.value, exc.expected) from None
         if not ids:
             raise EngineConfigError("block_ids", ids, "at least one block id")
+        tokens = self._check_tokens(num_tokens, len(ids))
+        if isinstance(metadata, (bytearray, memoryview)):
+            metadata = bytes(metadata)
+        if type(metadata) is not bytes or len(metadata) > wire.MAX_METADATA_BYTES:
+            raise EngineConfigError("metadata", metadata if type(metadata) is not bytes
+                                    else f"{len(metadata)} bytes",
+                                    f"bytes, at most {wire.MAX_METADATA_BYTES}")
         now = self._clock()
         self.pool.pin(ids, owner=request_id)  # range-checks the ids against the pool
         try:
@@ -401,7 +431,7 @@ class TransferEngine:
         chunks = self.pool.num_layers if layerwise else 1
         transfer = Transfer(session=session, layerwise=bool(layerwise), num_chunks=chunks,
                             chunk_nbytes=self.pool.block_nbytes * len(ids) // chunks,
-                            expected=chunks)
+                            expected=chunks, num_tokens=tokens, metadata=metadata)
         transfer.handle = TransferHandle(transfer, self._on_layer_ready)
         self._transfers[request_id] = transfer
         self._leases.opened(peer, request_id)
@@ -411,6 +441,20 @@ class TransferEngine:
             self._group.decide(request_id, now)
         self._poke()
         return transfer
+
+    def _check_tokens(self, num_tokens: int | None, blocks: int) -> int:
+        """The tokens a transfer of ``blocks`` blocks carries: ``num_tokens`` when it needs
+        exactly that many blocks, every slot when None; ``EngineConfigError`` otherwise."""
+        block_tokens = self.pool.layout.block_tokens
+        if num_tokens is None:
+            return blocks * block_tokens
+        low, high = (blocks - 1) * block_tokens + 1, blocks * block_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or \
+                not low <= num_tokens <= high:
+            raise EngineConfigError("num_tokens", num_tokens,
+                                    f"an int in {low}..{high} ({blocks} blocks of "
+                                    f"{block_tokens} tokens)")
+        return num_tokens
 
     def _layer_ready(self, transfer: Transfer, layer: int) -> None:
         if self._datapath.layer_ready(transfer, layer, self._clock()):

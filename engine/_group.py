@@ -110,6 +110,7 @@ class GroupSync:
                     transfer.handle._settle(TransferResult(
                         request_id=rid, role=transfer.role, peer=transfer.peer,
                         nbytes=transfer.total_nbytes, seconds=now - session.admitted_at,
+                        num_tokens=transfer.num_tokens, metadata=transfer.metadata,
                     ), None)
                 if session.local_final:
                     engine._apply(transfer, Event.COMPLETED, now)

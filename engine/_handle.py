@@ -20,13 +20,19 @@ __all__ = ["DrainReport", "EngineStats", "TransferHandle", "TransferResult", "er
 
 @attrs.frozen
 class TransferResult:
-    """A completed transfer: on this rank, and with a TP group on every rank."""
+    """A completed transfer: on this rank, and with a TP group on every rank.
+    ``num_tokens``: the tokens the transfer carried (both sides agreed on it at the
+    handshake; the last block may be partly valid). ``metadata``: on a receiver, the
+    sender's opaque bytes (``send(..., metadata=)``, empty when none); on a sender, what it
+    sent."""
 
     request_id: str
     role: Role
     peer: int
     nbytes: int
     seconds: float
+    num_tokens: int = 0
+    metadata: bytes = b""
 
 
 @attrs.frozen

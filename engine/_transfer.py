@@ -82,6 +82,15 @@ class Transfer:
     want_checksum: bool = False
     sent_checksum: int | None = None
     landed_checksum: int | None = None
+    #: Tokens the transfer carries (validated at admission against the block count; the
+    #: receiver's travels in ADVERTISE and must equal the sender's).
+    num_tokens: int = 0
+    #: The sender's per-transfer bytes for the receiver: on a sender what ``send()`` was
+    #: given, on a receiver what ACCEPT brought.
+    metadata: bytes = b""
+    #: A receiver has the sender's ACCEPT (its metadata, and checksum when asked for): its
+    #: outcome may be OK only once both this and every byte are in.
+    accepted: bool = False
 
     #: Bytes the transfer moves (every chunk).
     total_nbytes: int = attrs.field(init=False)

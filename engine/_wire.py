@@ -21,7 +21,10 @@ be built or sent either.
 Bumping ``WIRE_VERSION`` is required for any change of layout; a receiver rejects versions
 it does not speak with ``UnsupportedVersionError`` rather than guessing. Version 2 added the
 outcome handshake's fields: ADVERTISE's ``flags`` (bit 0: the receiver wants a checksum of
-the moved bytes), ACCEPT's ``checksum``, and the ``checksum_mismatch`` reason.
+the moved bytes), ACCEPT's ``checksum``, and the ``checksum_mismatch`` reason. Version 3
+added ADVERTISE's ``num_tokens`` and ``layout`` (the receiver's encoded ``KVLayout``, so a
+mismatch names its fields) and ACCEPT's ``metadata`` (the sender's opaque bytes for the
+receiver); both are length-prefixed bytes, carried as they are and never interpreted here.
 """
 
 from __future__ import annotations
@@ -50,9 +53,12 @@ __all__ = [
     "MAX_CHUNKS",
     "MAX_DATA_TAG",
     "MAX_DETAIL_BYTES",
+    "MAX_LAYOUT_FIELD_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_BYTES",
     "MAX_REQUEST_ID_BYTES",
     "MAX_TOTAL_BYTES",
+    "MAX_TOTAL_TOKENS",
     "WIRE_VERSION",
     "Accept",
     "Advertise",
@@ -70,7 +76,7 @@ __all__ = [
 ]
 
 MAGIC = b"KVHC"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 MAX_REQUEST_ID_BYTES = 256
 MAX_DETAIL_BYTES = 256
@@ -80,15 +86,21 @@ MAX_TOTAL_BYTES = 2**40
 MAX_CHUNKS = 2**16
 MAX_DATA_TAG = 2**31 - 1
 MAX_OPEN_REQUESTS = 2**24
+MAX_TOTAL_TOKENS = 2**40
+#: ADVERTISE's encoded layout (``kvhandoff.engine.layout.MAX_LAYOUT_BYTES`` fits in it).
+MAX_LAYOUT_FIELD_BYTES = 1024
+#: ACCEPT's per-transfer metadata: small enough that the largest ACCEPT fits in one control
+#: message (``transports.MAX_CONTROL_BYTES``, 4096) with a maximal request id.
+MAX_METADATA_BYTES = 3072
 _U64_MAX = 2**64 - 1
 
 _HEADER = struct.Struct("!4sBBH")
 HEADER_SIZE = _HEADER.size
 
 # Fixed parts of each body; string lengths (u16) come last and the strings follow in order.
-# block_count, total_bytes, fingerprint, tag, chunks, flags, rid
-_ADVERTISE = struct.Struct("!IQQIIBH")
-_ACCEPT = struct.Struct("!IIH")  # data_tag, checksum, rid
+# block_count, total_bytes, fingerprint, tag, chunks, flags, num_tokens, rid, layout
+_ADVERTISE = struct.Struct("!IQQIIBQHH")
+_ACCEPT = struct.Struct("!IIHH")  # data_tag, checksum, rid, metadata
 #: ADVERTISE flags: the receiver wants the sender's checksum of the bytes (in ACCEPT).
 FLAG_WANT_CHECKSUM = 1
 _KNOWN_FLAGS = FLAG_WANT_CHECKSUM
@@ -96,8 +108,11 @@ _REASONED = struct.Struct("!HHH")  # reason, rid, detail (CANCEL and FAIL)
 _HEARTBEAT = struct.Struct("!IQI")  # sender_rank, sequence, open_requests
 _DONE = struct.Struct("!H")  # rid
 
-# The largest possible message: the header, the widest fixed part, two maximal strings.
-MAX_MESSAGE_BYTES = HEADER_SIZE + _ADVERTISE.size + MAX_REQUEST_ID_BYTES + MAX_DETAIL_BYTES
+# The largest possible message: the header and the largest body of any kind.
+MAX_MESSAGE_BYTES = HEADER_SIZE + max(
+    _ADVERTISE.size + MAX_REQUEST_ID_BYTES + MAX_LAYOUT_FIELD_BYTES,
+    _ACCEPT.size + MAX_REQUEST_ID_BYTES + MAX_METADATA_BYTES,
+    _REASONED.size + MAX_REQUEST_ID_BYTES + MAX_DETAIL_BYTES)
 
 
 class MessageKind(enum.IntEnum):
@@ -153,6 +168,13 @@ def _check_text(field: str, value: object, low: int, high: int) -> None:
         raise FieldRangeError(field, value, f"{low}..{high} bytes of UTF-8, got {size}")
 
 
+def _check_bytes(field: str, value: object, high: int) -> None:
+    if type(value) is not bytes:
+        raise FieldRangeError(field, value, "bytes")
+    if len(value) > high:
+        raise FieldRangeError(field, f"{len(value)} bytes", f"at most {high} bytes")
+
+
 def _check_reason(value: object) -> None:
     if type(value) is FailReason:
         return
@@ -165,7 +187,10 @@ class Advertise:
     it must be a multiple of ``block_count`` (blocks have one size) and of ``num_chunks``
     (layer-wise chunks have one size). Chunk ``i`` travels on data tag ``data_tag + i``.
     ``want_checksum``: the sender must answer with ACCEPT carrying its checksum of the bytes
-    it sent, which the receiver compares with what landed before it confirms (DONE)."""
+    it sent, which the receiver compares with what landed before it confirms (DONE).
+    ``num_tokens`` is how many tokens the receive takes (the last block may be partly
+    valid; 0: not said, every slot of every block); ``layout`` the receiver's encoded
+    ``KVLayout`` (empty: not sent)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.ADVERTISE
     request_id: str
@@ -175,6 +200,8 @@ class Advertise:
     data_tag: int
     num_chunks: int = 1
     want_checksum: bool = False
+    num_tokens: int = 0
+    layout: bytes = b""
 
     def __attrs_post_init__(self) -> None:
         _check_text("request_id", self.request_id, 1, MAX_REQUEST_ID_BYTES)
@@ -185,6 +212,8 @@ class Advertise:
         _check_int("data_tag", self.data_tag, 1, MAX_DATA_TAG - (self.num_chunks - 1))
         if type(self.want_checksum) is not bool:
             raise FieldRangeError("want_checksum", self.want_checksum, "a bool")
+        _check_int("num_tokens", self.num_tokens, 0, MAX_TOTAL_TOKENS)
+        _check_bytes("layout", self.layout, MAX_LAYOUT_FIELD_BYTES)
         if self.total_bytes % self.block_count:
             raise FieldRangeError(
                 "total_bytes", self.total_bytes, f"a multiple of block_count={self.block_count}"
@@ -199,17 +228,21 @@ class Advertise:
 class Accept:
     """Sender -> receiver: the advertise was validated and every chunk is posted;
     ``checksum`` is the sender's checksum (``kvhandoff.engine._checksum``) of the bytes it
-    sent. Sent only when the advertise asked for it (``want_checksum``)."""
+    sent (0 unless the advertise asked for it, ``want_checksum``); ``metadata`` is the
+    host's opaque bytes for the receiver (at most ``MAX_METADATA_BYTES``), delivered in its
+    ``TransferResult``. Always sent: the receiver's outcome waits for it."""
 
     KIND: ClassVar[MessageKind] = MessageKind.ACCEPT
     request_id: str
     data_tag: int
     checksum: int = 0
+    metadata: bytes = b""
 
     def __attrs_post_init__(self) -> None:
         _check_text("request_id", self.request_id, 1, MAX_REQUEST_ID_BYTES)
         _check_int("data_tag", self.data_tag, 1, MAX_DATA_TAG)
         _check_int("checksum", self.checksum, 0, 2**32 - 1)
+        _check_bytes("metadata", self.metadata, MAX_METADATA_BYTES)
 
 
 @attrs.frozen
@@ -287,11 +320,13 @@ def encode(msg: ControlMessage) -> bytes:
         rid = msg.request_id.encode("utf-8")
         body = _ADVERTISE.pack(
             msg.block_count, msg.total_bytes, msg.layout_fingerprint, msg.data_tag,
-            msg.num_chunks, FLAG_WANT_CHECKSUM if msg.want_checksum else 0, len(rid),
-        ) + rid
+            msg.num_chunks, FLAG_WANT_CHECKSUM if msg.want_checksum else 0, msg.num_tokens,
+            len(rid), len(msg.layout),
+        ) + rid + msg.layout
     elif isinstance(msg, Accept):
         rid = msg.request_id.encode("utf-8")
-        body = _ACCEPT.pack(msg.data_tag, msg.checksum, len(rid)) + rid
+        body = _ACCEPT.pack(msg.data_tag, msg.checksum, len(rid), len(msg.metadata)) + rid \
+            + msg.metadata
     elif isinstance(msg, Cancel | Fail):
         rid = msg.request_id.encode("utf-8")
         detail = msg.detail.encode("utf-8")
@@ -335,6 +370,15 @@ class _Reader:
         except UnicodeDecodeError:
             raise BadEncodingError(field, self._whole) from None
 
+    def raw(self, size: int) -> bytes:
+        end = self._offset + size
+        if end > len(self._body):
+            raise TruncatedMessageError(HEADER_SIZE + end, HEADER_SIZE + len(self._body),
+                                        self._whole)
+        raw = bytes(self._body[self._offset:end])
+        self._offset = end
+        return raw
+
     def finish(self) -> None:
         extra = len(self._body) - self._offset
         if extra:
@@ -350,20 +394,22 @@ def _reason(code: int, whole: bytes) -> FailReason:
 
 def _decode_body(kind: MessageKind, reader: _Reader, whole: bytes) -> ControlMessage:
     if kind is MessageKind.ADVERTISE:
-        block_count, total_bytes, fingerprint, data_tag, num_chunks, flags, rid_len = (
-            reader.fixed(_ADVERTISE))
+        (block_count, total_bytes, fingerprint, data_tag, num_chunks, flags, num_tokens,
+         rid_len, layout_len) = reader.fixed(_ADVERTISE)
         if flags & ~_KNOWN_FLAGS:
             raise FieldRangeError("flags", flags, f"only known flag bits ({_KNOWN_FLAGS:#x})",
                                   whole)
         rid = reader.text("request_id", rid_len)
+        layout = reader.raw(layout_len)
         reader.finish()
         return Advertise(rid, block_count, total_bytes, fingerprint, data_tag, num_chunks,
-                         bool(flags & FLAG_WANT_CHECKSUM))
+                         bool(flags & FLAG_WANT_CHECKSUM), num_tokens, layout)
     if kind is MessageKind.ACCEPT:
-        data_tag, checksum, rid_len = reader.fixed(_ACCEPT)
+        data_tag, checksum, rid_len, metadata_len = reader.fixed(_ACCEPT)
         rid = reader.text("request_id", rid_len)
+        metadata = reader.raw(metadata_len)
         reader.finish()
-        return Accept(rid, data_tag, checksum)
+        return Accept(rid, data_tag, checksum, metadata)
     if kind is MessageKind.CANCEL or kind is MessageKind.FAIL:
         code, rid_len, detail_len = reader.fixed(_REASONED)
         rid = reader.text("request_id", rid_len)
@@ -453,6 +499,8 @@ def validate_advertise(
     total_bytes: int,
     layout_fingerprint: int,
     num_chunks: int = 1,
+    num_tokens: int | None = None,
+    block_tokens: int = 0,
 ) -> Fail | None:
     """The sender's check of a receiver's advertise against its own transfer: ``None`` when
     they agree, else the ``Fail`` message to send back (and whose reason fails the sender's
@@ -475,4 +523,8 @@ def validate_advertise(
         return fail(FailReason.SIZE_MISMATCH, "total bytes", advertise.total_bytes, total_bytes)
     if advertise.num_chunks != num_chunks:
         return fail(FailReason.CHUNK_MISMATCH, "chunks", advertise.num_chunks, num_chunks)
+    # An advertise that does not say (0) takes every slot of every block.
+    theirs = advertise.num_tokens or advertise.block_count * block_tokens
+    if num_tokens is not None and theirs != num_tokens:
+        return fail(FailReason.SIZE_MISMATCH, "num tokens", theirs, num_tokens)
     return None

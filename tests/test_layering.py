@@ -47,10 +47,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "collectives": frozenset(),
     "cuda_ext": frozenset(),
     "engine": frozenset({"sessions", "collectives", "cuda_ext"}),
-    # Model caches into a pool's blocks: on top of the engine's pool; nothing imports it.
+    # Model caches into a pool's blocks: on top of the engine's pool; only the demo (its
+    # real-model run, `kvhandoff demo --model`) imports it.
     "kvcache": frozenset({"engine", "cuda_ext"}),
     "analysis": frozenset(),
-    "demo": RUNTIME | {"analysis"},
+    "demo": RUNTIME | {"analysis", "kvcache"},
     "scenarios": RUNTIME | {"analysis"},
     "cli": RUNTIME | {"analysis", "demo", "scenarios"},
 }

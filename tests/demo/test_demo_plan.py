@@ -16,7 +16,7 @@ from kvhandoff.demo import _plan, command
 
 DEMO_DIR = Path(_plan.__file__).resolve().parent
 PUBLIC_RUNTIME = ("kvhandoff.engine", "kvhandoff.engine.transports", "kvhandoff.collectives",
-                  "kvhandoff.cuda_ext")
+                  "kvhandoff.cuda_ext", "kvhandoff.kvcache")
 
 
 def _args(*argv: str) -> argparse.Namespace:

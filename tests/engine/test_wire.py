@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kvhandoff.engine import KVLayout
 from kvhandoff.engine import _wire as wire
 from kvhandoff.engine._wire import (
     Accept,
@@ -45,6 +46,13 @@ SAMPLES = [
     Accept("req-1", 17),
     Accept("req-1", 17, 2**32 - 1),
     Advertise("req-5", 4, 4 * 65536, FP, 17, want_checksum=True),
+    # The widest: every bound at once (tokens, a maximal layout field, a maximal id).
+    Advertise("r" * 256, 2**24, 2**40, 2**64 - 1, 2**31 - 64, 64, True, 2**40,
+              b"\xff" * wire.MAX_LAYOUT_FIELD_BYTES),
+    Advertise("req-2", 3, 3 * 4096, FP, 9, 1, False, 37,
+              KVLayout(32, 16, 8, 128, torch.float16, extra=("q4", 7)).encode()),
+    Accept("req-1", 17, 0, b"\x00opaque\x80 bytes"),
+    Accept("r" * 256, 2**31 - 1, 2**32 - 1, b"m" * wire.MAX_METADATA_BYTES),
     Cancel("req-1"),
     Cancel("req-2", FailReason.TIMEOUT, "queue deadline"),
     Fail("req-3", FailReason.SIZE_MISMATCH, "total bytes: receiver 10, sender 20"),
@@ -61,10 +69,35 @@ def _raw(kind: int, body: bytes, *, magic: bytes = wire.MAGIC,
 
 
 def _advertise_raw(block_count: int, total_bytes: int, *, tag: int = 5, chunks: int = 1,
-                   rid: bytes = b"req", flags: int = 0) -> bytes:
-    body = struct.pack("!IQQIIBH", block_count, total_bytes, 99, tag, chunks, flags,
-                       len(rid)) + rid
+                   rid: bytes = b"req", flags: int = 0, tokens: int = 0,
+                   layout: bytes = b"") -> bytes:
+    body = struct.pack("!IQQIIBQHH", block_count, total_bytes, 99, tag, chunks, flags,
+                       tokens, len(rid), len(layout)) + rid + layout
     return _raw(wire.MessageKind.ADVERTISE, body)
+
+
+def _accept_raw(metadata: bytes, *, tag: int = 5, rid: bytes = b"req") -> bytes:
+    body = struct.pack("!IIHH", tag, 0, len(rid), len(metadata)) + rid + metadata
+    return _raw(wire.MessageKind.ACCEPT, body)
+
+
+def test_wire_largest_message_fits_one_control_message() -> None:
+    """The bound every transport's control channel is sized by holds for the new fields."""
+    from kvhandoff.engine.layout import MAX_LAYOUT_BYTES
+    from kvhandoff.engine.transports import MAX_CONTROL_BYTES
+
+    assert max(len(encode(m)) for m in SAMPLES) == wire.MAX_MESSAGE_BYTES
+    assert wire.MAX_MESSAGE_BYTES <= MAX_CONTROL_BYTES
+    assert MAX_LAYOUT_BYTES <= wire.MAX_LAYOUT_FIELD_BYTES
+
+
+def test_wire_version_2_advertise_is_refused_not_misread() -> None:
+    """A version-2 ADVERTISE (no tokens, no layout) from an older engine is refused by
+    version, never parsed as version 3's longer fixed part."""
+    old = struct.pack("!IQQIIBH", 1, 16, 99, 5, 1, 0, 3) + b"req"
+    with pytest.raises(UnsupportedVersionError) as info:
+        decode(_raw(wire.MessageKind.ADVERTISE, old, version=2))
+    assert info.value.version == 2
 
 
 def test_wire_all_matches_module_names() -> None:
@@ -116,7 +149,8 @@ def test_wire_bad_magic_rejected() -> None:
 
 
 def test_wire_wrong_version_rejected() -> None:
-    for version in (1, wire.WIRE_VERSION + 1):  # 1: before the outcome handshake's fields
+    # 1: before the outcome handshake's fields; 2: before the tokens, layout and metadata.
+    for version in (1, 2, wire.WIRE_VERSION + 1):
         data = bytearray(encode(Done("x")))
         data[4] = version
         with pytest.raises(UnsupportedVersionError) as info:
@@ -155,6 +189,9 @@ def test_wire_unknown_kind_rejected() -> None:
         (_advertise_raw(1, 16, tag=2**31), "data_tag"),
         (_advertise_raw(1, 16, rid=b""), "request_id"),
         (_advertise_raw(1, 16, rid=b"r" * 257), "request_id"),
+        (_advertise_raw(1, 16, tokens=2**40 + 1), "num_tokens"),
+        (_advertise_raw(1, 16, layout=b"L" * (wire.MAX_LAYOUT_FIELD_BYTES + 1)), "layout"),
+        (_accept_raw(b"m" * (wire.MAX_METADATA_BYTES + 1)), "metadata"),
         (_raw(wire.MessageKind.FAIL, struct.pack("!HHH", 999, 1, 0) + b"r"), "reason"),
         (_raw(wire.MessageKind.FAIL, struct.pack("!HHH", 1, 1, 257) + b"r" + b"d" * 257),
          "detail"),
@@ -190,6 +227,12 @@ def test_wire_non_bytes_input_is_protocol_error(value: object) -> None:
         (lambda: Fail("r", 3, ""), "reason"),  # type: ignore[arg-type]
         (lambda: Heartbeat(-1, 0), "sender_rank"),
         (lambda: Accept(b"r", 1), "request_id"),  # type: ignore[arg-type]
+        (lambda: Accept("r", 1, 0, "text"), "metadata"),  # type: ignore[arg-type]
+        (lambda: Accept("r", 1, 0, bytearray(b"m")), "metadata"),  # type: ignore[arg-type]
+        (lambda: Accept("r", 1, 0, b"m" * (wire.MAX_METADATA_BYTES + 1)), "metadata"),
+        (lambda: Advertise("r", 1, 16, 0, 1, 1, False, -1), "num_tokens"),
+        (lambda: Advertise("r", 1, 16, 0, 1, 1, False, 1, "layout"),  # type: ignore[arg-type]
+         "layout"),
     ],
 )
 def test_wire_invalid_message_cannot_be_built(make: object, field: str) -> None:
@@ -228,12 +271,15 @@ def _advertises(draw: st.DrawFn) -> Advertise:
     return Advertise(
         draw(_request_ids), block_count, block_count * num_chunks * unit,
         draw(st.integers(0, 2**64 - 1)), draw(st.integers(1, 2**31 - 64)), num_chunks,
+        draw(st.booleans()), draw(st.integers(0, 2**40)),
+        draw(st.binary(max_size=wire.MAX_LAYOUT_FIELD_BYTES)),
     )
 
 
 _messages = st.one_of(
     _advertises(),
-    st.builds(Accept, _request_ids, st.integers(1, 2**31 - 1)),
+    st.builds(Accept, _request_ids, st.integers(1, 2**31 - 1), st.integers(0, 2**32 - 1),
+              st.binary(max_size=wire.MAX_METADATA_BYTES)),
     st.builds(Cancel, _request_ids, st.sampled_from(FailReason), st.text(max_size=40)),
     st.builds(Fail, _request_ids, st.sampled_from(FailReason), st.text(max_size=40)),
     st.builds(Heartbeat, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
@@ -335,6 +381,19 @@ def test_validate_advertise_accepts_matching_transfer() -> None:
                               layout_fingerprint=FP, num_chunks=2) is None
 
 
+def test_validate_advertise_without_a_token_count_means_every_slot() -> None:
+    """An advertise that does not say its count (0, e.g. built by hand) takes every slot of
+    every block: it matches a sender of whole blocks and is size_mismatch for a partial one."""
+    adv = Advertise("req", 8, 8 * 1024, FP, 3, 2)
+    assert adv.num_tokens == 0
+    common = dict(request_id="req", block_count=8, total_bytes=8 * 1024,
+                  layout_fingerprint=FP, num_chunks=2, block_tokens=16)
+    assert validate_advertise(adv, num_tokens=128, **common) is None  # type: ignore[arg-type]
+    fail = validate_advertise(adv, num_tokens=121, **common)  # type: ignore[arg-type]
+    assert fail is not None and fail.reason is FailReason.SIZE_MISMATCH
+    assert "num tokens: receiver 128, sender 121" in fail.detail
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
@@ -343,14 +402,15 @@ def test_validate_advertise_accepts_matching_transfer() -> None:
         ({"block_count": 4}, FailReason.BLOCK_COUNT_MISMATCH),
         ({"total_bytes": 4096}, FailReason.SIZE_MISMATCH),
         ({"num_chunks": 1}, FailReason.CHUNK_MISMATCH),
+        ({"num_tokens": 120}, FailReason.SIZE_MISMATCH),
     ],
 )
 def test_validate_advertise_names_the_mismatch(overrides: dict[str, object],
                                                reason: FailReason) -> None:
-    adv = Advertise("req", 8, 8 * 1024, FP, 3, 2)
+    adv = Advertise("req", 8, 8 * 1024, FP, 3, 2, False, 121)
     expected: dict[str, object] = {"request_id": "req", "block_count": 8,
                                    "total_bytes": 8 * 1024, "layout_fingerprint": FP,
-                                   "num_chunks": 2}
+                                   "num_chunks": 2, "num_tokens": 121}
     expected.update(overrides)
     fail = validate_advertise(adv, **expected)  # type: ignore[arg-type]
     assert fail is not None

@@ -138,10 +138,14 @@ async def test_hf_cache_across_an_engine_transfer_decodes_identically(model: obj
         src = p0.alloc(blocks_for_tokens(PROMPT, p0), owner="r")
         dst = p1.alloc(len(src), owner="r")
         write_dynamic_cache(p0, cache, src)
-        hs, hr = e0.send("r", src, 1), e1.receive("r", dst, 0)
+        # The prompt's own count (its last block is partly filled) and the host's metadata.
+        hs = e0.send("r", src, 1, num_tokens=PROMPT, metadata=b"prompt=21;first=%d" % int(token))
+        hr = e1.receive("r", dst, 0, num_tokens=PROMPT)
         await hs.wait()
-        await hr.wait()
-        restored = read_dynamic_cache(p1, dst, PROMPT)
+        result = await hr.wait()
+        assert result.num_tokens == PROMPT
+        assert result.metadata == b"prompt=21;first=%d" % int(token)
+        restored = read_dynamic_cache(p1, dst, result.num_tokens)
         p0.free(src, owner="r")
         p1.free(dst, owner="r")
     want = decode(model, cache, token)

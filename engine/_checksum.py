@@ -8,8 +8,9 @@ misdirected bytes; not a defence against an adversary) and the transfer's checks
 CRC-32 of the chunks' CRCs in chunk order, so chunks may be checksummed in whatever order
 they are produced (layer-wise sends post layers as the model writes them).
 
-Two ways in, one answer: ``staged_checksum`` reads a staging buffer (what the sender sent,
-what the receiver received) and ``blocks_checksum`` gathers the same bytes from the pool's
+Two ways in, one answer: the staged path feeds each piece to ``piece_crc`` as it is
+gathered (sender) or lands (receiver, before its window slot is reused), ``staged_checksum``
+reads a whole staging buffer, and ``blocks_checksum`` gathers the same bytes from the pool's
 layer tensors, piece by piece as the operations carry them, for the region path (which
 moves blocks without staging). ``DataPath.checksum`` picks the one for a transfer's path, so
 each side may take either path and the two checksums still agree. ``checksum_of_chunks``
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from kvhandoff import cuda_ext
 
-__all__ = ["blocks_checksum", "checksum_of_chunks", "chunk_crc", "staged_checksum"]
+__all__ = ["blocks_checksum", "checksum_of_chunks", "chunk_crc", "piece_crc", "staged_checksum"]
 
 
 def _host_bytes(buf: torch.Tensor) -> memoryview:
@@ -39,6 +40,12 @@ def _host_bytes(buf: torch.Tensor) -> memoryview:
 def chunk_crc(buf: torch.Tensor) -> int:
     """CRC-32 of one chunk's bytes (any dtype, any device; read as contiguous bytes)."""
     return zlib.crc32(_host_bytes(buf))
+
+
+def piece_crc(buf: torch.Tensor, crc: int) -> int:
+    """``crc`` (a chunk's CRC-32 so far) fed the bytes of its next piece: a chunk checksummed
+    piece by piece, in order, has the CRC of its bytes as one buffer."""
+    return zlib.crc32(_host_bytes(buf), crc)
 
 
 def checksum_of_chunks(crcs: Sequence[int]) -> int:

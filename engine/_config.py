@@ -28,6 +28,11 @@ def _non_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: Any
         raise EngineConfigError(attribute.name, value, "a non-negative int")
 
 
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise EngineConfigError(attribute.name, value, "a positive int")
+
+
 def _optional_non_negative_int(instance: Any, attribute: attrs.Attribute[Any],
                                value: Any) -> None:
     if value is not None:
@@ -51,7 +56,9 @@ class EngineConfig:
     staging buffer otherwise. ``None`` (default): the transport's own measured hint
     (``Transport.region_min_bytes``; MPITransport's keeps the staged path, see
     docs/benchmarks.md); 0: always the region path where the transport offers it. Each side
-    chooses alone; both carry the same bytes.
+    chooses alone; both carry the same bytes. ``staging_window``: the staged path holds at
+    most this many pieces (``PIECE_BYTES`` each) of a transfer in staging memory at once;
+    each side chooses alone.
 
     ``max_early_advertises`` bounds, *per peer*, the advertises kept for a ``send()`` that
     has not come yet (one peer's junk never crowds out another's). ``confirm_grace_s``
@@ -77,6 +84,7 @@ class EngineConfig:
     recent_sessions: int = attrs.field(default=4096, validator=_non_negative_int)
     region_min_bytes: int | None = attrs.field(default=None,
                                                validator=_optional_non_negative_int)
+    staging_window: int = attrs.field(default=4, validator=_positive_int)
     confirm_grace_s: float | None = attrs.field(default=None, validator=_optional_positive)
     checksum: bool = attrs.field(default=False)
 

@@ -12,6 +12,20 @@ carry the same bytes, so each side chooses its own:
   posts it at once, so piece k+1 is gathered while piece k is in flight; the receiver
   scatters each piece into its blocks as soon as it lands, while later pieces still move.
 
+The staging window. A staged side holds at most ``EngineConfig.staging_window`` (W) pieces:
+a transfer of more operations than that stages through W slots (``Transfer.slots``) instead
+of one buffer of its size. The sender gathers operation k into a free slot and posts it;
+k + W waits for a slot, freed when a send is final (``on_op_final``). The receiver posts its
+first W receives (then ADVERTISE, as before), and as each piece lands, in order per chunk,
+it is checksummed and scattered and its slot carries the next receive. A windowed side
+posts strictly in operation order (layer-wise: a layer ready early waits for the layers
+before it), which is what makes the windows of the two sides safe together whatever each's
+W: the lowest operation not final yet is posted on both sides (every one before it is
+final on both), so it matches, and same-tag operations match in posting order (MPI,
+loopback), so later pieces still pair up. The checksum of a staged side is fed piece by
+piece as the pieces are gathered or land (``_checksum.piece_crc``), never read back from a
+staging buffer that no longer holds the transfer.
+
 The piece count is a function of the chunk's bytes and block count only, which the
 advertise validates (block count, total bytes, layout, chunks), so both sides derive the same
 operations without carrying them. Each posted operation's handle carries its transfer
@@ -24,12 +38,14 @@ operations are then settled in one of two ways (``WindDown``). *Abort* when the 
 can no longer complete (the transfer deadline passed, the peer's lease lapsed, the peer sent
 CANCEL, posting failed here): cancel what is pending and tell the peer CANCEL. *Complete*
 otherwise (a transport error, the peer's FAIL, the TP group's failure, the host's cancel): a
-sender posts its remaining chunks so that every receive the receiver posted is matched, the
-receiver keeps its receives, and the peer is told FAIL. Completing matters because MPI cannot
-cancel a posted send: a receiver that cancelled its receives would leave the sender's blocks
-pinned for good. A completing transfer still aborts at the transfer deadline, so a wedged
-transport cannot hold its blocks forever unless the transport itself can neither finish nor
-cancel the operation, which health then reports.
+sender posts its remaining chunks so that every receive the receiver posted is matched (a
+windowed sender as its slots free up), the receiver keeps its receives (a windowed receiver
+keeps moving its window to the end, its bytes discarded, because its sender posts every
+piece), and the peer is told FAIL: every posted receive is matched or cancelled. Completing
+matters because MPI cannot cancel a posted send: a receiver that cancelled its receives would
+leave the sender's blocks pinned for good. A completing transfer still aborts at the transfer
+deadline, so a wedged transport cannot hold its blocks forever unless the transport itself
+can neither finish nor cancel the operation, which health then reports.
 
 One-sided transports (``Transport.one_sided``: NIXL). A receive there is memory the peer may
 write at any time until the peer says it is done with it; nothing the receiver does locally
@@ -53,7 +69,7 @@ import numpy as np
 import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine import _wire as wire
-from kvhandoff.engine._checksum import blocks_checksum, staged_checksum
+from kvhandoff.engine._checksum import blocks_checksum, checksum_of_chunks, piece_crc
 from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
@@ -92,6 +108,7 @@ class DataPath:
                                   else min_bytes)
         self._tensor_block_nbytes = pool.block_nbytes // len(pool.layers)
         self.staging = StagingPool(device=pool.device)
+        self._window = engine.config.staging_window
         self._tags_in_use: set[int] = set()
         self._next_tag = 1
         # Completing wind-downs, by the time they abort: (when, tiebreak, transfer).
@@ -140,8 +157,20 @@ class DataPath:
         transfer.expected = transfer.num_ops
         transfer.ops = [None] * transfer.num_ops
         transfer.regions = self._moves_regions and self._large_regions(ids)
-        if not transfer.regions:
+        if transfer.regions:
+            return
+        transfer.crcs = [0] * transfer.num_chunks
+        if transfer.role is Role.RECEIVER:
+            transfer.consumed = [0] * transfer.num_chunks
+        if transfer.num_ops <= self._window:  # the whole transfer fits in the window
             transfer.staging = self.staging.acquire(transfer.total_nbytes)
+            return
+        bounds = transfer.piece_bounds
+        widest = max(bounds[p + 1] - bounds[p] for p in range(pieces))
+        transfer.window = self._window
+        transfer.slot_nbytes = widest * (transfer.chunk_nbytes // blocks)
+        transfer.free_slots = list(range(self._window - 1, -1, -1))  # pop() gives slot 0
+        transfer.staging = self.staging.acquire(self._window * transfer.slot_nbytes)
 
     def _large_regions(self, ids: tuple[int, ...]) -> bool:
         """Whether the regions of ``ids`` (a run of consecutive ids is one region per
@@ -155,9 +184,12 @@ class DataPath:
         return self._tensor_block_nbytes * len(ids) >= self._region_min_bytes * runs
 
     def start_receive(self, transfer: Transfer, now: float) -> bool:
-        """Post every receive of a transfer (its tags are reserved); False when posting
-        failed (the transfer is failed then, and nothing may be advertised)."""
+        """Post the receives of a transfer (its tags are reserved): every one, or the first
+        window's worth; False when posting failed (the transfer is failed then, and nothing
+        may be advertised)."""
         self._plan(transfer)
+        if transfer.windowed:
+            return self._post_receives(transfer, now)
         return all(self._post(transfer, HandleKind.RECV, index, now)
                    for index in range(transfer.num_ops))
 
@@ -194,29 +226,71 @@ class DataPath:
 
     # --- posting ---------------------------------------------------------------------------
 
-    def _post_chunk(self, transfer: Transfer, chunk: int, now: float, *,
-                    force: bool = False) -> None:
+    @staticmethod
+    def _may_post(transfer: Transfer) -> bool:
+        """Whether more operations may be posted: not after an abort, and after a failure
+        only in a completing wind-down."""
+        return transfer.wind_down is not WindDown.ABORT \
+            and transfer.posted < transfer.expected \
+            and (transfer.wind_down is WindDown.COMPLETE or not transfer.outcome_known)
+
+    def _post_chunk(self, transfer: Transfer, chunk: int, now: float) -> None:
         """Post the operations of one chunk not posted yet, in order, each gathered just
-        before it is posted (staged) so the next gather overlaps its move. After a failure
-        only a completing wind-down posts (``force``); an aborting one posts nothing more."""
+        before it is posted (staged) so the next gather overlaps its move; windowed, post
+        what the window allows in operation order instead (``_post_sends``)."""
+        if transfer.windowed:
+            self._post_sends(transfer, now)
+            return
         first = chunk * transfer.pieces
         for index in range(first, first + transfer.pieces):
-            if transfer.wind_down is WindDown.ABORT or transfer.posted >= transfer.expected \
-                    or (transfer.outcome_known and not force):
+            if not self._may_post(transfer):
                 return
-            if transfer.ops[index] is not None:
-                continue
-            if not transfer.regions:
-                try:
-                    cuda_ext.gather(self._chunk_layers(transfer, chunk),
-                                    transfer.piece_ids(index), transfer.op_view(index))
-                except Exception as exc:  # a bad block table must fail this transfer only
-                    self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
-                    return
-            if not self._post(transfer, HandleKind.SEND, index, now):
+            if transfer.ops[index] is None and not self._send_piece(transfer, index, now):
                 return
-            if transfer.posted == transfer.num_ops:  # the receiver waits for it (metadata)
-                self._engine._control.accept(transfer)
+
+    def _post_sends(self, transfer: Transfer, now: float) -> None:
+        """A windowed sender: post the next operations, in order, while a slot is free and
+        their chunk is produced (any chunk, in a completing wind-down)."""
+        while transfer.free_slots and self._may_post(transfer):
+            index = transfer.posted  # posted in order: the next one
+            if transfer.layerwise and transfer.wind_down is not WindDown.COMPLETE and \
+                    index // transfer.pieces not in transfer.layers_ready:
+                return
+            if not self._send_piece(transfer, index, now):
+                return
+
+    def _send_piece(self, transfer: Transfer, index: int, now: float) -> bool:
+        """Gather operation ``index`` (staged: into its slot, feeding the checksum) and post
+        it; the last one sends ACCEPT. False when it failed (the transfer is failed then)."""
+        if not transfer.regions:
+            chunk = index // transfer.pieces
+            if transfer.windowed:
+                transfer.slots[index] = transfer.free_slots.pop()
+            view = transfer.op_view(index)
+            try:
+                cuda_ext.gather(self._chunk_layers(transfer, chunk),
+                                transfer.piece_ids(index), view)
+                if transfer.want_checksum:
+                    transfer.crcs[chunk] = piece_crc(view, transfer.crcs[chunk])
+            except Exception as exc:  # a bad block table must fail this transfer only
+                self.local_error(transfer, FailureReason.TRANSPORT_ERROR, repr(exc), now)
+                return False
+        if not self._post(transfer, HandleKind.SEND, index, now):
+            return False
+        if transfer.posted == transfer.num_ops:  # the receiver waits for it (metadata)
+            self._engine._control.accept(transfer)
+        return True
+
+    def _post_receives(self, transfer: Transfer, now: float) -> bool:
+        """A windowed receiver: post the next receives, in order, into the free slots;
+        False when posting failed."""
+        while transfer.free_slots and transfer.wind_down is not WindDown.ABORT \
+                and transfer.posted < transfer.expected:
+            index = transfer.posted
+            transfer.slots[index] = transfer.free_slots.pop()
+            if not self._post(transfer, HandleKind.RECV, index, now):
+                return False
+        return True
 
     def _chunk_layers(self, transfer: Transfer, chunk: int) -> list[torch.Tensor]:
         return self._layer_pairs[chunk] if transfer.layerwise else self._layers
@@ -244,6 +318,7 @@ class DataPath:
             return False
         op.token = transfer
         transfer.ops[index] = op
+        transfer.op_index[id(op)] = index
         transfer.posted += 1
         transfer.ops_pending += 1
         if transfer.posted == 1:  # only the first operation moves the session
@@ -274,14 +349,13 @@ class DataPath:
             return
         transfer.ops_pending -= 1
         self.progress_completions += 1
-        if op.state is HandleState.DONE:
+        done = op.state is HandleState.DONE
+        if done:
             self.progress_bytes += op.nbytes
             if op.kind is HandleKind.SEND:
                 self.bytes_sent += op.nbytes
             else:
                 self.bytes_received += op.nbytes
-                if not transfer.regions:
-                    self._landed(transfer, op)
         elif transfer.op_error is None:
             transfer.op_error = op.error or "transport error"
             # A sender's error decides nothing: the receiver sees whether the bytes landed
@@ -292,6 +366,16 @@ class DataPath:
                 # keep everything pinned (quarantine) until they are final.
                 engine._apply(transfer, Event.ABORT, now, reason=FailureReason.TRANSPORT_ERROR,
                               detail=transfer.op_error[:256])
+        if not transfer.regions and engine._transfers.get(transfer.request_id) is transfer:
+            index = transfer.op_index[id(op)]
+            if op.kind is HandleKind.RECV:
+                transfer.arrived[index] = done
+                self._landed(transfer, index // transfer.pieces)
+                if transfer.windowed:
+                    self._post_receives(transfer, now)
+            elif transfer.windowed:
+                transfer.free_slots.append(transfer.slots.pop(index))
+                self._post_sends(transfer, now)
         if transfer.quiescent_ops and transfer.session.allows(Event.HANDLE_DONE):
             self._local_final(transfer, now)
 
@@ -315,40 +399,49 @@ class DataPath:
             engine._apply(transfer, Event.HANDLE_FAILED, now,
                           reason=FailureReason.TRANSPORT_ERROR, detail=transfer.op_error[:256])
             return
-        if transfer.role is Role.RECEIVER:
+        if transfer.scatter_error is not None:
             # The one place the received data is known to be in the blocks: the transport
-            # wrote them (regions), or each staged piece was scattered as it landed; any
-            # piece not scattered yet is scattered now.
-            try:
-                for index in sorted(transfer.unscattered.values()):
-                    self._scatter(transfer, index)
-                transfer.unscattered.clear()
-            except Exception as exc:
-                engine._apply(transfer, Event.HANDLE_FAILED, now,
-                              reason=FailureReason.TRANSPORT_ERROR, detail=repr(exc)[:256])
-                return
+            # wrote them (regions), or each staged piece was scattered as it landed.
+            engine._apply(transfer, Event.HANDLE_FAILED, now,
+                          reason=FailureReason.TRANSPORT_ERROR,
+                          detail=transfer.scatter_error[:256])
+            return
         engine._apply(transfer, Event.HANDLE_DONE, now)
         engine._control.received(transfer, now)
 
-    def _landed(self, transfer: Transfer, op: TransportHandle) -> None:
-        """A staged receive landed: scatter its piece now, while later pieces still move,
-        unless the transfer already failed (its bytes are discarded then). A scatter error
-        leaves the piece for ``_local_final``, which reports it."""
-        index = transfer.ops.index(op) if transfer.num_ops > 1 else 0
+    def _landed(self, transfer: Transfer, chunk: int) -> None:
+        """Staged receives of ``chunk`` are final: consume those now in order (a piece may
+        complete before the one ahead of it): checksum and scatter each into its blocks,
+        while later pieces still move, unless the transfer already failed or the receive
+        did (its bytes are discarded then), and free its slot. A scatter error is kept for
+        ``_local_final``, which reports it."""
+        first = chunk * transfer.pieces
+        arrived = transfer.arrived
         session = transfer.session
-        if session.failure is not None or session.cancel_requested or \
-                transfer.op_error is not None:
-            return
-        try:
-            self._scatter(transfer, index)
-        except Exception:
-            transfer.unscattered[id(op)] = index
+        while transfer.consumed[chunk] < transfer.pieces:
+            index = first + transfer.consumed[chunk]
+            if index not in arrived:
+                return
+            landed = arrived.pop(index)
+            transfer.consumed[chunk] += 1
+            if landed and session.failure is None and not session.cancel_requested \
+                    and transfer.op_error is None and transfer.scatter_error is None:
+                try:
+                    view = transfer.op_view(index)
+                    if transfer.want_checksum:
+                        transfer.crcs[chunk] = piece_crc(view, transfer.crcs[chunk])
+                    self._scatter(transfer, index)
+                except Exception as exc:
+                    transfer.scatter_error = repr(exc)
+            if transfer.windowed:
+                transfer.free_slots.append(transfer.slots.pop(index))
 
     def checksum(self, transfer: Transfer) -> int:
-        """The checksum of the bytes this side moved (``_checksum``): the staging buffer's,
-        or the same bytes read from the blocks on the region path."""
-        if transfer.staging is not None:
-            return staged_checksum(transfer.staging, transfer.num_chunks)
+        """The checksum of the bytes this side moved (``_checksum``): fed piece by piece as
+        they were gathered or landed (staged), or the same bytes read from the blocks on the
+        region path."""
+        if not transfer.regions:
+            return checksum_of_chunks(transfer.crcs)
         groups = (self._layer_pairs if transfer.layerwise else [self._layers])
         pieces = [transfer.piece_ids(i) for i in range(transfer.pieces)]
         return blocks_checksum(groups, pieces)
@@ -382,7 +475,11 @@ class DataPath:
                 ops, pieces = transfer.ops, transfer.pieces
                 for chunk in range(transfer.num_chunks):
                     if None in ops[chunk * pieces:(chunk + 1) * pieces]:
-                        self._post_chunk(transfer, chunk, now, force=True)
+                        self._post_chunk(transfer, chunk, now)
+            elif transfer.role is Role.RECEIVER and transfer.windowed and transfer.posted:
+                # Its sender posts every piece (it completes too): keep the window moving
+                # to the end so each send is matched (``on_op_final``).
+                pass
             else:
                 transfer.expected = transfer.posted
             if transfer.ops_pending:

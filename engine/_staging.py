@@ -7,6 +7,10 @@ size as the data; instead buffers are kept in power-of-two size classes and hand
 A buffer is returned only when its transfer is quiescent (the transport can no longer touch
 it), the same rule as for KV blocks: a quarantined transfer keeps its staging buffer out of
 circulation until its handle reaches a final state.
+
+A staged transfer asks for at most ``EngineConfig.staging_window`` pieces (its window of
+slots, see ``_transfer``), so what is outstanding is bounded by the window times the open
+transfers, not by their sizes; ``outstanding_nbytes`` and ``peak_nbytes`` say how much.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class StagingPool:
     _outstanding: dict[int, torch.Tensor] = attrs.field(factory=dict, init=False)
     allocations: int = attrs.field(default=0, init=False)
     reuses: int = attrs.field(default=0, init=False)
+    #: Bytes handed out and not yet released (as asked for), and the most there ever were.
+    outstanding_nbytes: int = attrs.field(default=0, init=False)
+    peak_nbytes: int = attrs.field(default=0, init=False)
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         if nbytes < 0:
@@ -60,12 +67,15 @@ class StagingPool:
             self.allocations += 1
         view = base if nbytes == size else base[:nbytes]  # a slice costs more than the rest
         self._outstanding[id(view)] = base
+        self.outstanding_nbytes += nbytes
+        self.peak_nbytes = max(self.peak_nbytes, self.outstanding_nbytes)
         return view
 
     def release(self, view: torch.Tensor) -> None:
         base = self._outstanding.pop(id(view), None)
         if base is None:
             raise ValueError("release() of a buffer this StagingPool did not hand out")
+        self.outstanding_nbytes -= view.numel()
         size = base.numel()
         if self._cached_bytes + size <= self.max_cached_bytes:
             self._free.setdefault(size, []).append(base)

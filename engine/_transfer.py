@@ -10,6 +10,12 @@ Operations. A transfer has ``num_chunks`` chunks (one, or one per layer), chunk 
 tag ``data_tag + c``; each chunk moves as ``pieces`` operations on its tag, in order, piece
 ``p`` carrying the blocks ``block_ids[piece_bounds[p]:piece_bounds[p + 1]]`` of the chunk's
 tensors (packed, as ``cuda_ext.gather`` of them). ``ops[c * pieces + p]`` is that operation.
+
+Staging. A staged side holds the whole transfer in ``staging`` when it has at most
+``EngineConfig.staging_window`` operations; a larger one holds a *window* of ``window``
+slots of ``slot_nbytes`` each (the widest piece), and each operation borrows a free slot
+from its post until it is final (``slots``, ``free_slots``): staging memory is bounded by
+the window, not the transfer. A windowed side posts in operation order (see ``_datapath``).
 """
 
 from __future__ import annotations
@@ -75,8 +81,23 @@ class Transfer:
     #: This side moves the blocks where they are (the transport's region form), not through
     #: ``staging``.
     regions: bool = False
-    #: Staged receive operations that landed and were not scattered yet, by ``id(op)``.
-    unscattered: dict[int, int] = attrs.field(factory=dict)
+    #: The staging window (see the module docstring): slots in all (0: the whole transfer
+    #: is staged, each operation at its own offset), the bytes of one, the slot each posted
+    #: and not yet final operation holds (by index), and the free ones.
+    window: int = 0
+    slot_nbytes: int = 0
+    slots: dict[int, int] = attrs.field(factory=dict)
+    free_slots: list[int] = attrs.field(factory=list)
+    #: Each posted operation's index, by ``id(op)`` (a completion finds its piece in O(1)).
+    op_index: dict[int, int] = attrs.field(factory=dict)
+    #: A staged receiver's final operations not consumed yet (index -> landed), and how many
+    #: pieces of each chunk were consumed: pieces are checksummed and scattered in order.
+    arrived: dict[int, bool] = attrs.field(factory=dict)
+    consumed: list[int] = attrs.field(factory=list)
+    #: The first scatter that failed (reported when the transfer is final here).
+    scatter_error: str | None = None
+    #: A staged side's CRC-32 of each chunk so far, fed piece by piece in order.
+    crcs: list[int] = attrs.field(factory=list)
     #: The receiver asked for the checksum of the moved bytes (``EngineConfig.checksum``);
     #: the sender's (from ACCEPT) and, on the receiver, what landed, once known.
     want_checksum: bool = False
@@ -141,10 +162,26 @@ class Transfer:
             return self.block_ids
         return self.block_ids[self.piece_bounds[piece]:self.piece_bounds[piece + 1]]
 
+    @property
+    def windowed(self) -> bool:
+        """Staged through a window of fewer slots than operations."""
+        return self.window > 0
+
+    def piece_nbytes(self, index: int) -> int:
+        """The bytes operation ``index`` carries."""
+        piece = index % self.pieces
+        blocks = self.piece_bounds[piece + 1] - self.piece_bounds[piece] \
+            if self.pieces > 1 else len(self.block_ids)
+        return blocks * (self.chunk_nbytes // len(self.block_ids))
+
     def op_view(self, index: int) -> torch.Tensor:
-        """The bytes of operation ``index`` in the staging buffer."""
+        """The bytes of operation ``index`` in the staging buffer: its slot when windowed
+        (it must hold one), else its offset in the whole transfer."""
         staging = self.staging
         assert staging is not None, "a staged operation needs the staging buffer"
+        if self.window:
+            start = self.slots[index] * self.slot_nbytes
+            return staging[start:start + self.piece_nbytes(index)]
         if self.num_chunks == 1 and self.pieces == 1:
             return staging  # exactly the transfer's bytes: no slice to make per operation
         chunk, piece = divmod(index, self.pieces)

@@ -16,6 +16,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     running,
+    ticks,
     until,
 )
 from kvhandoff.engine import (
@@ -273,3 +274,177 @@ async def test_checksum_agrees_whichever_path_each_side_takes(
             assert torch.equal(layer[dst], want)
         assert e0.stats().staging_allocations == (0 if sender_path == 0 else 1)
         assert e1.stats().staging_allocations == (0 if receiver_path == 0 else 1)
+
+
+# --- the staging window: bounded staging memory on the staged path -------------------------
+
+WINDOW_PIECES = 10
+
+
+def _window_config(window: int, **overrides: float | int | None) -> EngineConfig:
+    return fast_config(region_min_bytes=STAGED, staging_window=window, **overrides)
+
+
+def _slot_bound(blocks: int, pieces: int, per_block: int, window: int) -> int:
+    """The most staging a window of ``window`` slots of the widest piece may hold."""
+    return window * -(-blocks // pieces) * per_block
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("w0", "w1"), [(2, 2), (2, 3), (3, 1)],
+                         ids=["w2-w2", "w2-w3", "w3-w1"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+async def test_staged_window_moves_many_pieces_in_bounded_staging(
+        layerwise: bool, w0: int, w1: int) -> None:
+    """Ten staged pieces through a window of a few slots on each side (each side its own
+    window) move byte-exact with the checksum on, and neither side ever holds more staging
+    than its window; layer-wise, a layer ready before the one ahead of it waits for it."""
+    blocks = WINDOW_PIECES * PIECE_BYTES // BLOCK_NBYTES
+    t0, t1 = loopback_group(2)
+    sender = HeldTransport(t0)
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, sender, config=_window_config(w0, checksum=True))
+    e1 = TransferEngine(p1, t1, config=_window_config(w1, checksum=True))
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="w"), p1.alloc(blocks, owner="w")[::-1]
+        expected = fill(p0, src, seed=7)
+        hr = e1.receive("w", dst, 0, layerwise=layerwise)
+        hs = e0.send("w", src, 1, layerwise=layerwise)
+        if layerwise:
+            hs.layer_ready(1)  # out of order: layer 1 waits for layer 0 (operation order)
+            await ticks(e0, e1)
+            assert sender.posts == []
+            hs.layer_ready(0)
+        await hr.wait()
+        await hs.wait()
+        for layer, want in zip(p1.layers, expected, strict=True):
+            assert torch.equal(layer[dst], want)
+        assert len(sender.posts) == WINDOW_PIECES
+        tags = [tag for _, tag, _ in sender.posts]
+        assert tags == sorted(tags)  # in operation order, chunk by chunk
+        if layerwise:
+            pieces, per_block = WINDOW_PIECES // 2, BLOCK_NBYTES // 2
+        else:
+            pieces, per_block = WINDOW_PIECES, BLOCK_NBYTES
+        for engine, window in ((e0, w0), (e1, w1)):
+            staging = engine._datapath.staging
+            assert 0 < staging.peak_nbytes <= _slot_bound(blocks, pieces, per_block, window)
+            assert staging.peak_nbytes < blocks * BLOCK_NBYTES
+            assert engine.stats().staging_allocations == 1
+        await until(lambda: not p0.pinned_by("w") and not p1.pinned_by("w"))
+        assert e0._datapath.staging.outstanding_nbytes == 0
+        assert e1._datapath.staging.outstanding_nbytes == 0
+        p0.free(src, owner="w")
+        p1.free(dst, owner="w")
+
+
+@pytest.mark.anyio
+async def test_staged_window_stalls_on_a_held_piece_and_resumes() -> None:
+    """The receiver's second piece is held in flight: with a window of two, the receiver
+    scatters the first, posts the third into its slot, and goes no further (the third is
+    not scattered before the second); released, the rest of the ten pieces follow."""
+    blocks = WINDOW_PIECES * PIECE_BYTES // BLOCK_NBYTES
+    per_piece = blocks // WINDOW_PIECES
+    t0, t1 = loopback_group(2)
+    held = HeldTransport(t1, held=[1])
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, t0, config=_window_config(2))
+    e1 = TransferEngine(p1, held, config=_window_config(2))
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="h"), p1.alloc(blocks, owner="h")
+        expected = fill(p0, src, seed=8)
+
+        def landed(part: slice) -> bool:
+            return all(torch.equal(layer[dst[part]], want[part])
+                       for layer, want in zip(p1.layers, expected, strict=True))
+
+        hr = e1.receive("h", dst, 0)
+        hs = e0.send("h", src, 1)
+        await until(lambda: landed(slice(0, per_piece)) and len(held.posts) == 3)
+        await ticks(e0, e1)
+        assert len(held.posts) == 3  # the window is stalled behind the held piece
+        assert not hr.done and not landed(slice(2 * per_piece, 3 * per_piece))
+        assert e1._datapath.staging.peak_nbytes <= 2 * per_piece * BLOCK_NBYTES
+        held.release(1)
+        await hr.wait()
+        await hs.wait()
+        assert len(held.posts) == WINDOW_PIECES
+        assert landed(slice(0, blocks))
+        await until(lambda: not p0.pinned_by("h") and not p1.pinned_by("h"))
+        p0.free(src, owner="h")
+        p1.free(dst, owner="h")
+
+
+@pytest.mark.anyio
+async def test_staged_window_cancel_mid_window_keeps_blocks_until_every_piece_is_final() -> None:
+    """The receiver's host cancels while its window is stalled on a held piece and frees its
+    blocks: the free is deferred and no allocation hands them out; released, the window
+    runs to the end (every send the sender posts is matched, the bytes discarded), and only
+    then do both sides' blocks come back, poisoned."""
+    blocks = WINDOW_PIECES * PIECE_BYTES // BLOCK_NBYTES
+    t0, t1 = loopback_group(2)
+    held = HeldTransport(t1, held=[1], cancellable=True)
+    p0, p1 = big_pool(blocks + 4), big_pool(blocks + 4)
+    e0 = TransferEngine(p0, t0, config=_window_config(2))
+    e1 = TransferEngine(p1, held, config=_window_config(2))
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="c"), p1.alloc(blocks, owner="c")
+        fill(p0, src, seed=9)
+        hr = e1.receive("c", dst, 0)
+        hs = e0.send("c", src, 1)
+        await until(lambda: len(held.posts) == 3)
+        assert e1.cancel("c") is CancelResult.CANCEL_REQUESTED_IN_FLIGHT
+        with pytest.raises(TransferCancelled):
+            await hr.wait()
+        p1.free(dst, owner="c")
+        p0.free(src, owner="c")
+        assert p1.deferred_blocks() == frozenset(dst)
+        _grab_excludes(p1, dst)
+        _grab_excludes(p0, src)
+        held.release(1)
+        with pytest.raises(TransferCancelled):  # the receiver's reason, adopted
+            await hs.wait()
+        await until(lambda: p0.num_deferred == 0 and p1.num_deferred == 0)
+        assert len(held.posts) == WINDOW_PIECES  # the window ran to the end: all matched
+        p0.assert_poisoned(src)
+        p1.assert_poisoned(dst)
+        assert e0._datapath.staging.outstanding_nbytes == 0
+        assert e1._datapath.staging.outstanding_nbytes == 0
+
+
+@pytest.mark.anyio
+async def test_staged_window_error_mid_window_fails_and_releases_only_when_final() -> None:
+    """An injected error on the receiver's second piece of ten (window two): both sides
+    fail with the transport error, the blocks stay pinned until every operation of both
+    windows is final, then return poisoned."""
+    blocks = WINDOW_PIECES * PIECE_BYTES // BLOCK_NBYTES
+    t0, t1 = loopback_group(2)
+    f1 = FaultyTransport(t1, seed=0, faults={1: Fault.ERROR})
+    p0, p1 = big_pool(blocks), big_pool(blocks)
+    e0 = TransferEngine(p0, t0, config=_window_config(2))
+    e1 = TransferEngine(p1, f1, config=_window_config(2))
+    async with running(e0, e1):
+        src, dst = p0.alloc(blocks, owner="e"), p1.alloc(blocks, owner="e")
+        fill(p0, src, seed=10)
+        hr = e1.receive("e", dst, 0)
+        hs = e0.send("e", src, 1)
+        with pytest.raises(TransferFailed) as info:
+            await hr.wait()
+        assert info.value.reason == "transport_error"
+        p1.free(dst, owner="e")
+        with pytest.raises(TransferFailed) as info:
+            await hs.wait()
+        assert info.value.reason == "transport_error"
+        p0.free(src, owner="e")
+        await until(lambda: p0.num_deferred == 0 and p1.num_deferred == 0)
+        p0.assert_poisoned(src)
+        p1.assert_poisoned(dst)
+        assert e1._datapath.staging.outstanding_nbytes == 0
+
+
+def test_staging_window_is_validated() -> None:
+    assert EngineConfig().staging_window == 4
+    assert EngineConfig(staging_window=1).staging_window == 1
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(EngineConfigError):
+            EngineConfig(staging_window=bad)  # type: ignore[arg-type]

@@ -399,9 +399,10 @@ class DataPath:
             engine._apply(transfer, Event.HANDLE_FAILED, now,
                           reason=FailureReason.TRANSPORT_ERROR, detail=transfer.op_error[:256])
             return
+        # The one place the received data is known to be in the blocks: the transport wrote
+        # them (regions), or each staged piece was scattered as it landed (``_landed``),
+        # unless a scatter failed.
         if transfer.scatter_error is not None:
-            # The one place the received data is known to be in the blocks: the transport
-            # wrote them (regions), or each staged piece was scattered as it landed.
             engine._apply(transfer, Event.HANDLE_FAILED, now,
                           reason=FailureReason.TRANSPORT_ERROR,
                           detail=transfer.scatter_error[:256])

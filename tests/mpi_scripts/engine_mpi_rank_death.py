@@ -26,8 +26,10 @@ import torch
 from _harness import mpi_main
 from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine, TransferError
 from kvhandoff.engine.transports import MPITransport
+from mpi4py import MPI
 
 LEASE_S = 2.0
+SAW_ADVERTISE = 77  # rank 0 -> rank 1 on the world communicator: "your advertise is here"
 BIG_BLOCKS = 64  # 64 blocks x 64 KiB: 4 MiB, far above any eager threshold
 
 
@@ -40,6 +42,10 @@ async def survivor(comm) -> None:
     async with TransferEngine(pool, transport, config=config) as engine:
         sent = engine.send("big", big, 1)
         got = engine.receive("small", small, 1)
+        with anyio.fail_after(10 * LEASE_S):  # rank 1's advertise arrived: the send is posted
+            while engine.session("big").state.name != "IN_FLIGHT":
+                await anyio.sleep(0.001)  # yield to the engine's loop; the predicate decides
+        comm.Isend([bytearray(1), MPI.BYTE], dest=1, tag=SAW_ADVERTISE)  # rank 1 may die now
         pool.free(big, owner="big")
         pool.free(small, owner="small")
         start = time.monotonic()
@@ -77,8 +83,16 @@ async def dying(comm) -> None:
     engine = TransferEngine(pool, transport, config=EngineConfig(lease_s=LEASE_S))
     async with engine:
         engine.receive("big", dst, 0)  # posts the receive and sends the advertise
+        # Die once rank 0 has the advertise, and before this engine moves any data: the
+        # wait blocks this loop on purpose (a dying process makes no progress), polling
+        # rank 0's word with a deadline.
+        seen = comm.Irecv([bytearray(1), MPI.BYTE], source=0, tag=SAW_ADVERTISE)
+        deadline = time.monotonic() + 30.0
+        while not seen.Test():
+            if time.monotonic() > deadline:
+                raise TimeoutError("rank 0 never saw the advertise")
+            time.sleep(1e-3)  # back off between polls of the condition
         print("rank 1 dies now", flush=True)
-        time.sleep(0.2)  # the advertise is a small message: let it leave first
         os._exit(3)
 
 

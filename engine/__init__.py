@@ -45,7 +45,13 @@ from kvhandoff.engine.errors import (
 if TYPE_CHECKING:
     from kvhandoff.engine._config import EngineConfig
     from kvhandoff.engine._engine import TransferEngine
-    from kvhandoff.engine._handle import DrainReport, EngineStats, TransferHandle, TransferResult
+    from kvhandoff.engine._handle import (
+        DrainReport,
+        EngineStats,
+        TransferHandle,
+        TransferRequest,
+        TransferResult,
+    )
     from kvhandoff.engine._wire import MAX_METADATA_BYTES
     from kvhandoff.engine.layout import MAX_LAYOUT_BYTES, KVLayout, LayoutDifference
     from kvhandoff.engine.pool import POISON_BLOCK_BYTE, BlockPool
@@ -63,6 +69,7 @@ _LAZY: dict[str, str] = {
     "MAX_METADATA_BYTES": "kvhandoff.engine._wire",
     "TransferEngine": "kvhandoff.engine._engine",
     "TransferHandle": "kvhandoff.engine._handle",
+    "TransferRequest": "kvhandoff.engine._handle",
     "TransferResult": "kvhandoff.engine._handle",
 }
 
@@ -99,6 +106,7 @@ __all__ = [
     "TransferError",
     "TransferFailed",
     "TransferHandle",
+    "TransferRequest",
     "TransferResult",
     "TransferTimeout",
     "UnknownBlockError",

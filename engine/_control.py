@@ -46,7 +46,7 @@ from kvhandoff.engine._agreement import OK
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import LayoutDecodeError
 from kvhandoff.engine.layout import KVLayout
-from kvhandoff.engine.transports.errors import ProtocolError
+from kvhandoff.engine.transports import MAX_CONTROL_BYTES
 from kvhandoff.sessions import Event, FailureReason, Role
 
 if TYPE_CHECKING:
@@ -93,6 +93,10 @@ _REASON_TO_WIRE: dict[FailureReason, wire.FailReason] = {
     FailureReason.CHECKSUM_MISMATCH: wire.FailReason.CHECKSUM_MISMATCH,
 }
 
+#: Distinct receiver layouts whose verdict is remembered (``_layout_mismatch``).
+_MAX_LAYOUT_VERDICTS = 64
+_UNSEEN = object()
+
 _EarlyKey = tuple[int, str]  # (source rank, request id)
 _EarlyAdvertise = tuple[wire.Advertise, float]  # (message, arrived at)
 
@@ -116,6 +120,12 @@ class ControlPlane:
         self._queue_timeout_s = engine.config.queue_timeout_s
         self._want_checksum = engine.config.checksum
         self.rejected = 0
+        self.frames_sent = 0
+        # Messages queued this tick, per peer, encoded (``flush`` sends them as frames).
+        self._outbox: dict[int, list[bytes]] = {}
+        # The receivers' encoded layouts seen, with what ``_layout_mismatch`` said of each:
+        # every advertise carries one, and a job's receivers have a handful at most.
+        self._layout_verdicts: dict[bytes, wire.Fail | None] = {}
         self._early: collections.OrderedDict[_EarlyKey, _EarlyAdvertise] = (
             collections.OrderedDict())
         # How many early advertises each peer has waiting (changed only by on_advertise and
@@ -125,8 +135,40 @@ class ControlPlane:
     # --- sending ---------------------------------------------------------------------------
 
     def send(self, peer: int, message: wire.ControlMessage) -> None:
+        """Queue ``message`` for ``peer``: it leaves with the tick's frames (``flush``)."""
+        encoded = wire.encode(message)
+        box = self._outbox.get(peer)
+        if box is None:
+            self._outbox[peer] = [encoded]
+        else:
+            box.append(encoded)
+
+    @property
+    def has_outgoing(self) -> bool:
+        return bool(self._outbox)
+
+    def flush(self) -> None:
+        """Send every queued message: per peer, in the order queued, as few frames as fit
+        in ``MAX_CONTROL_BYTES`` each (a frame is the messages back to back)."""
+        outbox, self._outbox = self._outbox, {}
+        for peer, box in outbox.items():
+            if len(box) == 1:
+                self._send_frame(peer, box[0])
+                continue
+            frame: list[bytes] = []
+            size = 0
+            for encoded in box:
+                if size + len(encoded) > MAX_CONTROL_BYTES:
+                    self._send_frame(peer, b"".join(frame))
+                    frame, size = [], 0
+                frame.append(encoded)
+                size += len(encoded)
+            self._send_frame(peer, b"".join(frame))
+
+    def _send_frame(self, peer: int, frame: bytes) -> None:
+        self.frames_sent += 1
         try:
-            self._transport.send_control(peer, wire.encode(message))
+            self._transport.send_control(peer, frame)
         except Exception as exc:  # a closed or broken transport must not break the loop
             engine = self._engine
             if engine._log_on:
@@ -177,20 +219,22 @@ class ControlPlane:
     # --- receiving -------------------------------------------------------------------------
 
     def on_message(self, source: int, payload: bytes, now: float) -> None:
+        """One arrived control payload: a frame of messages, each handled in order. A
+        malformed message is rejected and ends its frame (the ones before it stand)."""
         self._engine._leases.heard(source, now)  # any message renews the peer's lease
-        try:
-            message = wire.decode(payload)
-        except ProtocolError as exc:
-            self.reject(source, "decode", f"{type(exc).__name__}: {exc}")
-            return
-        if isinstance(message, wire.Advertise):
-            self.on_advertise(source, message, now)
-        elif isinstance(message, (wire.Fail, wire.Cancel)):
-            self._on_peer_failure(source, message, now)
-        elif isinstance(message, wire.Done):
-            self._on_done(source, message, now)
-        elif isinstance(message, wire.Accept):
-            self._on_accept(source, message, now)
+        messages, error = wire.decode_frame(payload)
+        for message in messages:
+            kind = type(message)
+            if kind is wire.Advertise:
+                self.on_advertise(source, message, now)  # type: ignore[arg-type]
+            elif kind is wire.Done:
+                self._on_done(source, message, now)  # type: ignore[arg-type]
+            elif kind is wire.Accept:
+                self._on_accept(source, message, now)  # type: ignore[arg-type]
+            elif kind is wire.Fail or kind is wire.Cancel:
+                self._on_peer_failure(source, message, now)  # type: ignore[arg-type]
+        if error is not None:
+            self.reject(source, "decode", f"{type(error).__name__}: {error}")
 
     def on_advertise(self, source: int, advertise: wire.Advertise, now: float) -> None:
         engine = self._engine
@@ -238,6 +282,19 @@ class ControlPlane:
         checked next, still covers the engines' ``layout_extra``)."""
         if not advertise.layout:
             return None  # not described: the fingerprint alone decides
+        verdicts = self._layout_verdicts
+        known = verdicts.get(advertise.layout, _UNSEEN)
+        if known is not _UNSEEN:
+            if known is None:
+                return None
+            return wire.Fail(advertise.request_id, known.reason, known.detail)
+        verdict = self._judge_layout(advertise)
+        if len(verdicts) >= _MAX_LAYOUT_VERDICTS:
+            verdicts.clear()  # many distinct layouts: junk, or a very mixed job; start over
+        verdicts[advertise.layout] = verdict
+        return verdict
+
+    def _judge_layout(self, advertise: wire.Advertise) -> wire.Fail | None:
         try:
             theirs = KVLayout.decode(advertise.layout)
         except LayoutDecodeError as exc:

@@ -29,7 +29,7 @@ import collections
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -42,7 +42,13 @@ from kvhandoff.engine._config import EngineConfig
 from kvhandoff.engine._control import ControlPlane
 from kvhandoff.engine._datapath import DataPath
 from kvhandoff.engine._group import GroupSync
-from kvhandoff.engine._handle import DrainReport, EngineStats, TransferHandle, error_for
+from kvhandoff.engine._handle import (
+    DrainReport,
+    EngineStats,
+    TransferHandle,
+    TransferRequest,
+    error_for,
+)
 from kvhandoff.engine._health import EngineHealth
 from kvhandoff.engine._leases import Leases
 from kvhandoff.engine._transfer import Transfer, WindDown
@@ -69,6 +75,25 @@ from kvhandoff.sessions import (
 )
 
 __all__ = ["TransferEngine"]
+
+
+def _handles(transfers: Sequence[Transfer]) -> list[TransferHandle]:
+    """The handles of just-admitted transfers (made at admission; a transfer may be
+    released later in the same call, which cuts its link to the handle)."""
+    handles = [transfer.handle for transfer in transfers]
+    assert all(handle is not None for handle in handles)
+    return handles  # type: ignore[return-value]
+
+
+class _Admission(NamedTuple):
+    """A request's arguments once validated (``TransferEngine._validate``)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    peer: int
+    layerwise: bool
+    num_tokens: int
+    metadata: bytes
 
 
 class TransferEngine:
@@ -124,6 +149,8 @@ class TransferEngine:
         self.layout_fingerprint = layout.fingerprint(extra=extra)
         self.layout_bytes = layout.encode()
         self._clock = clock
+        self._num_layers = pool.num_layers
+        self._block_nbytes = pool.block_nbytes
         self._log = rank_logger(self.rank)
         # Asked again at every tick and public call: ``configure_logging()`` may come after
         # the engine exists (an attribute, not a call, on the hot path).
@@ -141,6 +168,9 @@ class TransferEngine:
         # asked for: most never are.
         self._recent: collections.OrderedDict[str, TransferSession] = collections.OrderedDict()
         self._completed = self._failed = self._cancelled = self._released = 0
+        # Pins of the transfers released since the tick or public call began: removed
+        # together (``BlockPool.unpin_many``) before it returns to the host.
+        self._unpins: list[tuple[tuple[int, ...], str]] = []
         self._ticks = self._quarantines = 0
         self._accepting = True
         self._draining = False
@@ -226,7 +256,7 @@ class TransferEngine:
         early = self._control.take_early(request_id, peer)
         if early is not None and not handle.done:  # else failed at admission
             self._control.on_advertise(peer, early, self._clock())
-        self._group.settle_local()
+        self._end_call()
         return handle
 
     def receive(self, request_id: str, block_ids: Iterable[int], peer: int, *,
@@ -238,28 +268,79 @@ class TransferEngine:
         ``DataTagsExhaustedError`` before anything changes when the transport has no free
         data tags left for it."""
         self._log_on = logging_enabled()
-        chunks = self.pool.num_layers if layerwise else 1
+        chunks = self._num_layers if layerwise else 1
         self._check_admissible(request_id, peer)
         first_tag = self._datapath.reserve_tags(request_id, chunks)
         try:
             transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise,
-                                   checked=True, num_tokens=num_tokens)
+                                   checked=True, num_tokens=num_tokens, data_tag=first_tag)
         except BaseException:
             self._datapath.free_tags(first_tag, chunks)
             raise
-        transfer.data_tag = first_tag
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
-        # Admission may already have failed it (the TP group failed the request first): then
-        # nothing is posted, or the transport could write into a staging buffer that the
-        # release hands back; the peer was told by the failure.
-        if not handle.done:
-            now = self._clock()
-            if self._datapath.start_receive(transfer, now):
-                self._leases.engaged(peer, now)
-                self._control.advertise(transfer)
-        self._group.settle_local()
+        self._start_receive(transfer)
+        self._end_call()
         return handle
+
+    def send_many(self, requests: Iterable[TransferRequest]) -> list[TransferHandle]:
+        """``send`` for a batch of requests (``TransferRequest`` each), with the same
+        semantics per request, cheaper per request: validated as a whole (no request id
+        twice, each admissible, each pin possible) before anything changes, pinned
+        together, and the control messages the batch causes leave as one frame per peer.
+        Bad input raises before any request is admitted. Returns the handles in order."""
+        self._log_on = logging_enabled()
+        batch = self._batch(requests, Role.SENDER)
+        transfers = self._admit_many(batch, Role.SENDER, checked=True)
+        handles = _handles(transfers)
+        now = self._clock()
+        for transfer, handle in zip(transfers, handles, strict=True):
+            if handle.done:
+                continue  # failed at admission (the TP group failed it first)
+            early = self._control.take_early(transfer.request_id, transfer.peer)
+            if early is not None:
+                self._control.on_advertise(transfer.peer, early, now)
+        self._end_call()
+        return handles
+
+    def receive_many(self, requests: Iterable[TransferRequest]) -> list[TransferHandle]:
+        """``receive`` for a batch of requests (``TransferRequest`` each, no ``metadata``),
+        as ``send_many`` does for sends: validated as a whole, data tags reserved and blocks
+        pinned for all before any is admitted (``DataTagsExhaustedError`` and every other
+        error leave everything as it was), each posted and advertised, the advertises to
+        one peer in one frame. Returns the handles in order."""
+        self._log_on = logging_enabled()
+        batch = self._batch(requests, Role.RECEIVER)
+        datapath = self._datapath
+        tags: list[tuple[int, int]] = []  # (first tag, count) per request
+        try:
+            for request in batch:
+                count = self._num_layers if request.layerwise else 1
+                tags.append((datapath.reserve_tags(request.request_id, count), count))
+            transfers = self._admit_many(batch, Role.RECEIVER, checked=True,
+                                         data_tags=[first for first, _ in tags])
+        except BaseException:
+            for first, count in tags:
+                datapath.free_tags(first, count)
+            raise
+        handles = _handles(transfers)
+        for transfer in transfers:
+            self._start_receive(transfer)
+        self._end_call()
+        return handles
+
+    def _start_receive(self, transfer: Transfer) -> None:
+        """Post an admitted receive and advertise it. Admission may already have failed it
+        (the TP group failed the request first): then nothing is posted, or the transport
+        could write into a staging buffer that the release hands back; the peer was told by
+        the failure."""
+        handle = transfer.handle
+        if handle is None or handle.done:
+            return
+        now = self._clock()
+        if self._datapath.start_receive(transfer, now):
+            self._leases.engaged(transfer.peer, now)
+            self._control.advertise(transfer)
 
     def cancel(self, request_id: str) -> CancelResult:
         """Cancel a transfer. ``result.safe_to_free`` says whether the host may free the
@@ -290,8 +371,8 @@ class TransferEngine:
                 self._surface_failure(transfer, FailureReason.CANCELLED,
                                       "cancelled by the host")
             self._datapath.wind_down(transfer, now)
-            self._group.settle_local()
             self._poke()
+        self._end_call()
         return result
 
     def finished(self) -> list[str]:
@@ -399,9 +480,59 @@ class TransferEngine:
 
     def _admit(self, request_id: str, block_ids: Iterable[int], peer: int, role: Role,
                layerwise: bool, *, checked: bool = False, num_tokens: int | None = None,
-               metadata: bytes = b"") -> Transfer:
+               metadata: bytes = b"", data_tag: int = 0) -> Transfer:
         """Validate (``checked``: the id and peer were already), pin, admit: every failure
-        leaves the pool and the table as they were."""
+        leaves the pool and the table as they were. ``data_tag``: a receive's first
+        reserved tag."""
+        admission = self._validate(request_id, block_ids, peer, layerwise, num_tokens,
+                                   metadata, checked=checked)
+        self.pool.pin(admission.block_ids, owner=request_id)  # range-checks the ids
+        try:
+            return self._enter(admission, role, data_tag)
+        except BaseException:
+            self.pool.unpin(admission.block_ids, owner=request_id)
+            raise
+
+    def _admit_many(self, requests: Iterable[TransferRequest], role: Role, *,
+                    checked: bool = False, data_tags: Sequence[int] = ()) -> list[Transfer]:
+        """``_admit`` for a batch, all or none: every request is validated and every pin
+        checked before anything changes."""
+        admissions = [self._validate(r.request_id, r.block_ids, r.peer, r.layerwise,
+                                     r.num_tokens, r.metadata, checked=checked)
+                      for r in requests]
+        self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
+        transfers: list[Transfer] = []
+        try:
+            for index, admission in enumerate(admissions):
+                transfers.append(self._enter(admission, role,
+                                             data_tags[index] if data_tags else 0))
+        except BaseException:
+            self.pool.unpin_many([(a.block_ids, a.request_id)
+                                  for a in admissions[len(transfers):]])
+            raise
+        return transfers
+
+    def _batch(self, requests: Iterable[TransferRequest], role: Role) -> list[TransferRequest]:
+        """A batched call's requests, checked as a whole: each a ``TransferRequest``, no
+        request id twice, admissible (``_check_admissible``), no metadata on a receive."""
+        batch = list(requests) if not isinstance(requests, (str, bytes)) else [requests]
+        seen: set[str] = set()
+        for request in batch:
+            if not isinstance(request, TransferRequest):
+                raise EngineConfigError("requests", request, "TransferRequest items")
+            if request.request_id in seen:
+                raise DuplicateSessionError(request.request_id)
+            seen.add(request.request_id)
+            if role is Role.RECEIVER and request.metadata:
+                raise EngineConfigError("metadata", f"{len(request.metadata)} bytes",
+                                        "none on a receive (the sender's metadata comes in "
+                                        "the result)")
+            self._check_admissible(request.request_id, request.peer)
+        return batch
+
+    def _validate(self, request_id: str, block_ids: Iterable[int], peer: int,
+                  layerwise: bool, num_tokens: int | None, metadata: bytes, *,
+                  checked: bool) -> _Admission:
         if not checked:
             self._check_admissible(request_id, peer)
         try:
@@ -417,21 +548,22 @@ class TransferEngine:
             raise EngineConfigError("metadata", metadata if type(metadata) is not bytes
                                     else f"{len(metadata)} bytes",
                                     f"bytes, at most {wire.MAX_METADATA_BYTES}")
+        return _Admission(request_id, ids, peer, bool(layerwise), tokens, metadata)
+
+    def _enter(self, admission: _Admission, role: Role, data_tag: int) -> Transfer:
+        """Admit a validated, pinned transfer into the table and the engine."""
         now = self._clock()
-        self.pool.pin(ids, owner=request_id)  # range-checks the ids against the pool
-        try:
-            session = self._table.admit(
-                request_id, role, peer, ids, now, queue_timeout_s=self.config.queue_timeout_s,
-                transfer_timeout_s=self.config.transfer_timeout_s,
-                confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
-                                 else None))
-        except BaseException:
-            self.pool.unpin(ids, owner=request_id)
-            raise
-        chunks = self.pool.num_layers if layerwise else 1
-        transfer = Transfer(session=session, layerwise=bool(layerwise), num_chunks=chunks,
-                            chunk_nbytes=self.pool.block_nbytes * len(ids) // chunks,
-                            expected=chunks, num_tokens=tokens, metadata=metadata)
+        request_id, ids, peer = admission.request_id, admission.block_ids, admission.peer
+        session = self._table.admit(
+            request_id, role, peer, ids, now, queue_timeout_s=self.config.queue_timeout_s,
+            transfer_timeout_s=self.config.transfer_timeout_s,
+            confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
+                             else None))
+        chunks = self._num_layers if admission.layerwise else 1
+        transfer = Transfer(session=session, layerwise=admission.layerwise, num_chunks=chunks,
+                            chunk_nbytes=self._block_nbytes * len(ids) // chunks,
+                            expected=chunks, num_tokens=admission.num_tokens,
+                            metadata=admission.metadata, data_tag=data_tag)
         transfer.handle = TransferHandle(transfer, self._on_layer_ready)
         self._transfers[request_id] = transfer
         self._leases.opened(peer, request_id)
@@ -456,9 +588,23 @@ class TransferEngine:
                                     f"{block_tokens} tokens)")
         return num_tokens
 
+    def _end_call(self) -> None:
+        """The end of a public call: the TP group of one decides what the call reported,
+        and the call's control messages leave now, one frame per peer (a single call's
+        advertise goes out at once, as it always did; the tick sends its own at its end)."""
+        self._group.settle_local()
+        if self._unpins:
+            self._unpin_released()
+        if self._control.has_outgoing:
+            self._control.flush()
+
+    def _unpin_released(self) -> None:
+        unpins, self._unpins = self._unpins, []
+        self.pool.unpin_many(unpins)
+
     def _layer_ready(self, transfer: Transfer, layer: int) -> None:
         if self._datapath.layer_ready(transfer, layer, self._clock()):
-            self._group.settle_local()
+            self._end_call()
             self._poke()
 
     # --- transitions and outcomes ----------------------------------------------------------
@@ -532,7 +678,8 @@ class TransferEngine:
         self._released += 1
         self._leases.closed(transfer.peer, rid)
         self._agreement.forget(rid)
-        self.pool.unpin(transfer.block_ids, owner=rid)
+        # Unpinned with the others released in the same tick or call (``_unpin_released``).
+        self._unpins.append((transfer.block_ids, rid))
         self._datapath.release(transfer)
         # Cutting the transfer -> handle link breaks the cycle, so a released record is freed
         # at once instead of by the cyclic collector.
@@ -583,6 +730,10 @@ class TransferEngine:
         if self._leases.heartbeat_due(now):
             for peer, sequence, count in self._leases.heartbeats(now, control.early_sources):
                 control.heartbeat(peer, sequence, count)
+        if self._unpins:
+            self._unpin_released()
+        if control.has_outgoing:  # the tick's messages, one frame per peer
+            control.flush()
         return busy
 
     def _check_leases(self, now: float) -> None:

@@ -1,9 +1,9 @@
 """What the host is handed: ``TransferHandle`` (its view of one transfer), ``TransferResult``,
-``EngineStats`` and ``DrainReport``."""
+``EngineStats`` and ``DrainReport``; and what it hands in for a batch: ``TransferRequest``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,7 +15,21 @@ from kvhandoff.sessions import FailureReason, Role, SessionSnapshot, State
 if TYPE_CHECKING:
     from kvhandoff.engine._transfer import Transfer
 
-__all__ = ["DrainReport", "EngineStats", "TransferHandle", "TransferResult", "error_for"]
+__all__ = ["DrainReport", "EngineStats", "TransferHandle", "TransferRequest", "TransferResult",
+           "error_for"]
+
+
+@attrs.frozen
+class TransferRequest:
+    """One transfer of ``TransferEngine.send_many`` / ``receive_many``: the arguments of
+    ``send`` / ``receive`` for it (``metadata`` only for a send)."""
+
+    request_id: str
+    block_ids: Sequence[int]
+    peer: int
+    layerwise: bool = False
+    num_tokens: int | None = None
+    metadata: bytes = b""
 
 
 @attrs.frozen

@@ -18,6 +18,13 @@ input whatsoever, so a receiver can drop a bad message without any session being
 Message objects run the same range checks when constructed, so an invalid message cannot
 be built or sent either.
 
+*Frames.* One control payload (what a transport's ``send_control`` carries, at most
+``MAX_CONTROL_BYTES``) is a *frame*: one or more messages back to back, each with its own
+header, so an engine sends everything due to one peer in one tick as one payload
+(``encode`` each message, concatenate, ``decode_frame`` on the other side). The headers
+delimit the messages; a malformed message ends the frame there (the messages before it
+stand, the bytes after it cannot be delimited and are dropped with it).
+
 Bumping ``WIRE_VERSION`` is required for any change of layout; a receiver rejects versions
 it does not speak with ``UnsupportedVersionError`` rather than guessing. Version 2 added the
 outcome handshake's fields: ADVERTISE's ``flags`` (bit 0: the receiver wants a checksum of
@@ -25,6 +32,7 @@ the moved bytes), ACCEPT's ``checksum``, and the ``checksum_mismatch`` reason. V
 added ADVERTISE's ``num_tokens`` and ``layout`` (the receiver's encoded ``KVLayout``, so a
 mismatch names its fields) and ACCEPT's ``metadata`` (the sender's opaque bytes for the
 receiver); both are length-prefixed bytes, carried as they are and never interpreted here.
+Version 4 made a control payload a frame of several messages.
 """
 
 from __future__ import annotations
@@ -70,13 +78,14 @@ __all__ = [
     "Heartbeat",
     "MessageKind",
     "decode",
+    "decode_frame",
     "encode",
     "layout_fingerprint",
     "validate_advertise",
 ]
 
 MAGIC = b"KVHC"
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
 MAX_REQUEST_ID_BYTES = 256
 MAX_DETAIL_BYTES = 256
@@ -427,17 +436,22 @@ def _decode_body(kind: MessageKind, reader: _Reader, whole: bytes) -> ControlMes
     return Done(rid)
 
 
-def decode(data: bytes | bytearray | memoryview) -> ControlMessage:
-    """Parse one control message. Raises a ``ProtocolError`` subclass, and no other
-    exception, for any input that is not exactly one valid message."""
+def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
     try:
-        view = memoryview(data).cast("B")
+        return memoryview(data).cast("B")
     except (TypeError, ValueError):
         raise ProtocolError(f"expected bytes, got {type(data).__name__}") from None
-    whole = bytes(view[:64])
-    if len(view) < HEADER_SIZE:
-        raise TruncatedMessageError(HEADER_SIZE, len(view), whole)
-    magic, version, kind_code, body_len = _HEADER.unpack_from(view, 0)
+
+
+def _decode_at(view: memoryview, offset: int, *,
+               exact: bool = False) -> tuple[ControlMessage, int]:
+    """The message that starts at ``offset`` of ``view`` and the offset just past it
+    (``exact``: it must end where ``view`` does)."""
+    whole = bytes(view[offset:offset + 64])
+    available = len(view) - offset - HEADER_SIZE
+    if available < 0:
+        raise TruncatedMessageError(HEADER_SIZE, len(view) - offset, whole)
+    magic, version, kind_code, body_len = _HEADER.unpack_from(view, offset)
     if magic != MAGIC:
         raise BadMagicError(magic, whole)
     if version != WIRE_VERSION:
@@ -446,18 +460,44 @@ def decode(data: bytes | bytearray | memoryview) -> ControlMessage:
         kind = MessageKind(kind_code)
     except ValueError:
         raise UnknownKindError(kind_code, whole) from None
-    available = len(view) - HEADER_SIZE
     if available < body_len:
-        raise TruncatedMessageError(HEADER_SIZE + body_len, len(view), whole)
-    if available > body_len:
+        raise TruncatedMessageError(HEADER_SIZE + body_len, HEADER_SIZE + available, whole)
+    if exact and available > body_len:
         raise TrailingBytesError(available - body_len, whole)
-    reader = _Reader(view[HEADER_SIZE:], whole)
+    start = offset + HEADER_SIZE
+    reader = _Reader(view[start:start + body_len], whole)
     try:
-        return _decode_body(kind, reader, whole)
+        return _decode_body(kind, reader, whole), start + body_len
     except ProtocolError as exc:
         if not exc.data:
             exc.data = whole  # errors raised by message constructors lack the input
         raise
+
+
+def decode(data: bytes | bytearray | memoryview) -> ControlMessage:
+    """Parse one control message. Raises a ``ProtocolError`` subclass, and no other
+    exception, for any input that is not exactly one valid message."""
+    return _decode_at(_as_view(data), 0, exact=True)[0]
+
+
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+) -> tuple[list[ControlMessage], ProtocolError | None]:
+    """Parse a frame (one or more messages back to back): the messages in order, and the
+    ``ProtocolError`` of the first malformed one (None when every byte parsed). Parsing
+    stops there: the messages before it are returned, nothing after it is. Raises nothing
+    for any input; an empty frame is a ``TruncatedMessageError``."""
+    messages: list[ControlMessage] = []
+    try:
+        view = _as_view(data)
+        offset, size = 0, len(view)
+        while True:
+            message, offset = _decode_at(view, offset)
+            messages.append(message)
+            if offset >= size:
+                return messages, None
+    except ProtocolError as exc:
+        return messages, exc
 
 
 def layout_fingerprint(

@@ -153,7 +153,7 @@ class KVLayout:
     @property
     def block_nbytes(self) -> int:
         """Bytes of one block across every layer, K and V."""
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = self.dtype.itemsize
         return 2 * self.num_layers * self.block_tokens * self.kv_heads * self.head_dim * element
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -201,6 +201,17 @@ def _check_against(layout: KVLayout, layers: list[torch.Tensor]) -> None:
         raise LayoutMismatchError(found, "layout", "tensors")
 
 
+def _refuse_repeated_owner(owners: list[str]) -> None:
+    """``PinError`` naming the first owner listed twice in one batch, if any."""
+    if len(set(owners)) == len(owners):
+        return
+    seen: set[str] = set()
+    for owner in owners:
+        if owner in seen:
+            raise PinError((), owner, "an owner is listed twice in one batch")
+        seen.add(owner)
+
+
 class BlockPool:
     """Paged KV memory for one rank. Not thread-safe: one owner (the engine loop) calls it.
 
@@ -498,6 +509,18 @@ class BlockPool:
         ``unpin(ids, owner)`` a ``free()`` of them is deferred. ``PinError`` when a block is
         free, was already freed by its holder, or is already pinned by ``owner``. On a
         host-owned pool any block may be pinned (the host vouches that it is allocated)."""
+        self._add_pin(owner, self._check_pin(block_ids, owner))
+
+    def pin_many(self, pins: Sequence[tuple[Iterable[int], str]]) -> None:
+        """``pin`` for several transfers at once, ``(block_ids, owner)`` each, all or none:
+        every pin is checked (and no owner may appear twice) before any is made, so a
+        ``PinError`` leaves the pool as it was."""
+        checked = [(owner, self._check_pin(block_ids, owner)) for block_ids, owner in pins]
+        _refuse_repeated_owner([owner for owner, _ in checked])
+        for owner, id_set in checked:
+            self._add_pin(owner, id_set)
+
+    def _check_pin(self, block_ids: Iterable[int], owner: str) -> set[int]:
         self._check_owner(owner)
         ids = self._check_known(block_ids)
         id_set = set(ids)
@@ -513,12 +536,16 @@ class BlockPool:
         if mine is not None and not mine.isdisjoint(id_set):
             twice = [b for b in ids if b in mine]
             raise PinError(twice, owner, "already pinned by this owner")
+        return id_set
+
+    def _add_pin(self, owner: str, id_set: set[int]) -> None:
         pins = self._pins
         if not pins.isdisjoint(id_set):  # blocks that other transfers pin too
             shared = self._shared_pins
             for block_id in pins & id_set:
                 shared[block_id] = shared.get(block_id, 1) + 1
         pins |= id_set
+        mine = self._pinned_by.get(owner)
         if mine is None:
             self._pinned_by[owner] = id_set
         else:
@@ -528,6 +555,19 @@ class BlockPool:
         """Remove ``owner``'s pin from the blocks. Deferred blocks whose last pin this was go
         back to the free list (logged as ``pool.deferred_free`` with ``phase="released"``);
         their ids are returned. ``PinError`` when ``owner`` does not pin one of them."""
+        ids, id_set = self._check_unpin(block_ids, owner)
+        return self._remove_pins([(owner, ids, id_set)])
+
+    def unpin_many(self, pins: Sequence[tuple[Iterable[int], str]]) -> list[int]:
+        """``unpin`` for several transfers at once, ``(block_ids, owner)`` each, all or
+        none: every one is checked (and no owner may appear twice) before any pin is
+        removed. The deferred blocks whose last pin went come back to the free list in one
+        step (poisoned together in debug mode); their ids are returned."""
+        checked = [(owner, *self._check_unpin(block_ids, owner)) for block_ids, owner in pins]
+        _refuse_repeated_owner([owner for owner, _, _ in checked])
+        return self._remove_pins(checked)
+
+    def _check_unpin(self, block_ids: Iterable[int], owner: str) -> tuple[list[int], set[int]]:
         self._check_owner(owner)
         ids = self._check_known(block_ids)
         id_set = set(ids)
@@ -538,36 +578,46 @@ class BlockPool:
             missing = [b for b in ids if mine is None or b not in mine]
             if missing:
                 raise PinError(missing, owner, "this owner does not pin them")
-        if mine is None:
-            return []  # nothing listed, and this owner pins nothing
-        unpinned = id_set  # the blocks that no transfer pins any more
-        shared = self._shared_pins
-        if shared and not id_set.isdisjoint(shared):
-            still = id_set.intersection(shared)
-            for block_id in still:
-                left = shared[block_id] - 1
-                if left > 1:
-                    shared[block_id] = left
-                else:
-                    del shared[block_id]
-            unpinned = id_set - still
-        self._pins -= unpinned
-        if len(id_set) == len(mine):  # a subset of the same size: all of them
-            del self._pinned_by[owner]
-            if self.host_owned:
-                self._finished.append(owner)
-        else:
-            mine -= id_set
+        return ids, id_set
+
+    def _remove_pins(self, checked: Sequence[tuple[str, list[int], set[int]]]) -> list[int]:
+        """Remove checked pins; release (and log, per owner) the deferred blocks whose last
+        pin went."""
+        shared, pinned_by, deferred = self._shared_pins, self._pinned_by, self._deferred
         released: list[int] = []
-        if self._deferred:
-            due = self._deferred.keys() & unpinned
-            if due:
-                released = [b for b in ids if b in due]
-                for block_id in released:
-                    del self._deferred[block_id]
+        logs: list[tuple[list[int], str]] = []
+        for owner, ids, id_set in checked:
+            mine = pinned_by.get(owner)
+            if mine is None:
+                continue  # nothing listed, and this owner pins nothing
+            unpinned = id_set  # the blocks that no transfer pins any more
+            if shared and not id_set.isdisjoint(shared):
+                still = id_set.intersection(shared)
+                for block_id in still:
+                    left = shared[block_id] - 1
+                    if left > 1:
+                        shared[block_id] = left
+                    else:
+                        del shared[block_id]
+                unpinned = id_set - still
+            self._pins -= unpinned
+            if len(id_set) == len(mine):  # a subset of the same size: all of them
+                del pinned_by[owner]
+                if self.host_owned:
+                    self._finished.append(owner)
+            else:
+                mine -= id_set
+            if deferred:
+                due = deferred.keys() & unpinned
+                if due:
+                    mine_released = [b for b in ids if b in due]
+                    for block_id in mine_released:
+                        del deferred[block_id]
+                    released.extend(mine_released)
+                    logs.append((mine_released, owner))
         self._release(released)
-        if released:
-            self._log(released, owner, "released")
+        for blocks, owner in logs:
+            self._log(blocks, owner, "released")
         return released
 
     def unpin_all(self, owner: str) -> list[int]:

@@ -142,9 +142,11 @@ async def test_receiver_completes_only_once_bytes_and_accept_are_both_in() -> No
         with anyio.fail_after(5):
             while advertise is None:
                 for _, payload in t0.recv_control():
-                    message = wire.decode(payload)
-                    if isinstance(message, wire.Advertise):
-                        advertise = message
+                    messages, error = wire.decode_frame(payload)  # one frame per tick
+                    assert error is None, error
+                    for message in messages:
+                        if isinstance(message, wire.Advertise):
+                            advertise = message
                 await anyio.sleep(0)
         assert advertise.num_tokens == 7
         assert KVLayout.decode(advertise.layout) == pool.layout

@@ -213,6 +213,33 @@ def test_pool_pin_errors_are_typed_and_change_nothing() -> None:
     assert "freed" in freed.value.problem
 
 
+def test_pool_pin_many_and_unpin_many_are_all_or_none() -> None:
+    pool = make(debug=True)
+    a, b, c = (pool.alloc(2, owner=o) for o in ("a", "b", "c"))
+    pool.pin(c[:1], "busy")
+    before = books(pool)
+    free_block = next(x for x in range(8) if pool.is_free(x))
+    for bad in ([(a, "ta"), ([free_block], "tb")],  # the second is free
+                [(a, "ta"), (b, "ta")],  # one owner twice in a batch
+                [(a, "ta"), (c[:1], "busy")]):  # already pinned by that owner
+        with pytest.raises(PinError):
+            pool.pin_many(bad)
+        assert books(pool) == before  # the good first pin was not made either
+    pool.pin_many([(a, "ta"), (b, "tb"), (c, "tc")])  # c[0] now pinned twice
+    for ids, owner in ((a, "a"), (b, "b"), (c, "c")):
+        pool.free(ids, owner=owner)  # all deferred while pinned
+    assert pool.num_deferred == 6
+    pinned = books(pool)
+    with pytest.raises(PinError):
+        pool.unpin_many([(a, "ta"), (b, "nobody")])
+    assert books(pool) == pinned
+    released = pool.unpin_many([(a, "ta"), (b, "tb"), (c, "tc")])
+    assert sorted(released) == sorted(a + b + c[1:])  # c[0]: "busy" still pins it
+    pool.assert_poisoned(released)
+    assert pool.unpin_many([(c[:1], "busy")]) == c[:1]
+    pool.check()
+
+
 def test_pool_check_detects_broken_books() -> None:
     pool = make()
     ids = pool.alloc(2)

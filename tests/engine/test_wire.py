@@ -91,6 +91,43 @@ def test_wire_largest_message_fits_one_control_message() -> None:
     assert MAX_LAYOUT_BYTES <= wire.MAX_LAYOUT_FIELD_BYTES
 
 
+def test_wire_frame_of_several_messages_decodes_in_order() -> None:
+    frame = b"".join(encode(m) for m in SAMPLES)
+    messages, error = wire.decode_frame(frame)
+    assert error is None and messages == list(SAMPLES)
+    assert wire.decode_frame(encode(SAMPLES[0])) == ([SAMPLES[0]], None)
+    with pytest.raises(TrailingBytesError):
+        decode(frame)  # ``decode`` takes exactly one message
+
+
+@pytest.mark.parametrize("junk", [b"", b"K", b"KVHC\x04\x63\x00\x00", b"\x00" * 20])
+def test_wire_frame_stops_at_the_first_malformed_message(junk: bytes) -> None:
+    good = [SAMPLES[0], SAMPLES[-1]]
+    frame = b"".join(encode(m) for m in good) + junk + encode(SAMPLES[1])
+    messages, error = wire.decode_frame(frame)
+    if junk:
+        assert messages == good and isinstance(error, ProtocolError)
+    else:  # nothing malformed: every message
+        assert messages == [*good, SAMPLES[1]] and error is None
+    empty, error = wire.decode_frame(b"")
+    assert empty == [] and isinstance(error, TruncatedMessageError)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_wire_fuzz_frames_never_raise(data: bytes) -> None:
+    for payload in (data, encode(SAMPLES[0]) + data):
+        _, error = wire.decode_frame(payload)
+        assert error is None or isinstance(error, ProtocolError)
+
+
+def test_wire_version_3_message_is_refused_not_misread() -> None:
+    """Version 4 only changed the framing; a version-3 peer is still refused by version."""
+    with pytest.raises(UnsupportedVersionError) as info:
+        decode(_raw(wire.MessageKind.DONE, struct.pack("!H", 1) + b"r", version=3))
+    assert info.value.version == 3
+
+
 def test_wire_version_2_advertise_is_refused_not_misread() -> None:
     """A version-2 ADVERTISE (no tokens, no layout) from an older engine is refused by
     version, never parsed as version 3's longer fixed part."""

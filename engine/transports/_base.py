@@ -360,6 +360,8 @@ def as_byte_view(buf: object) -> torch.Tensor:
     ``InvalidBufferError`` for anything that is not a non-empty contiguous tensor."""
     if not isinstance(buf, torch.Tensor):
         raise InvalidBufferError(f"buffer must be a torch.Tensor, not {type(buf).__name__}")
+    if buf.dtype is torch.uint8 and buf.dim() == 1 and buf.is_contiguous() and buf.numel():
+        return buf  # already one (a staging buffer): a new view would cost more than the rest
     if not buf.is_contiguous():
         raise InvalidBufferError(
             "buffer must be contiguous: gather the blocks into one buffer first "

@@ -430,7 +430,7 @@ class TransferEngine:
             raise
         chunks = self.pool.num_layers if layerwise else 1
         transfer = Transfer(session=session, layerwise=bool(layerwise), num_chunks=chunks,
-                            chunk_nbytes=self.pool.block_nbytes * len(ids) // chunks,
+                            chunk_nbytes=self._datapath.chunk_nbytes(len(ids), tokens, chunks),
                             expected=chunks, num_tokens=tokens, metadata=metadata)
         transfer.handle = TransferHandle(transfer, self._on_layer_ready)
         self._transfers[request_id] = transfer

@@ -157,8 +157,8 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
     if tail is not None:
         if not isinstance(tail, BlockTail):
             raise InvalidBufferError(f"tail must be a BlockTail, not {type(tail).__name__}")
-        for g in geometry:
-            tail.check(g[1])
+        for block_nbytes in {g[1] for g in geometry}:  # a pool's tensors share one size
+            tail.check(block_nbytes)
     low, high = int(ids.min()), int(ids.max())
     limit = min(g[0] for g in geometry)
     if low < 0 or high >= limit:

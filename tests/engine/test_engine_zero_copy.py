@@ -235,12 +235,11 @@ def test_zero_copy_paths_pair_with_each_other_over_mpi(run_mpi: RunMPI) -> None:
 
 
 @pytest.mark.mpi
-def test_zero_copy_paths_pair_over_mpi_hindexed_with_head_major_tails(run_mpi: RunMPI) -> None:
-    """The same pairings on an HND pool over MPI derived datatypes (no cross-memory
-    attach): a partial last block is one range per head there."""
-    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths-hindexed", timeout=240)
+def test_zero_copy_paths_pair_on_head_major_pools_over_mpi(run_mpi: RunMPI) -> None:
+    """The same pairings on an HND pool: a partial last block is one range per head."""
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths-hnd", timeout=240)
     for rank in range(2):
-        assert f"rank {rank} zero-copy paths-hindexed OK" in result.stdout, result.stdout
+        assert f"rank {rank} zero-copy paths-hnd OK" in result.stdout, result.stdout
 
 
 @pytest.mark.mpi

@@ -7,9 +7,9 @@ block ids scattered over the pool with some runs; the receiver's blocks hold the
 data and every free block is still poisoned (nothing was written outside the table); a
 region side allocates no staging buffer. Some transfers carry a token count that leaves the
 last block partly empty: only its valid slots move, and the receiver's slots past the count
-keep the bytes they held. ``paths`` runs on an NHD pool over cross-memory attach (the
-default on one host), ``paths-hindexed`` on an HND pool (the last block's slots are one
-range per head) over MPI ``hindexed`` datatypes (``use_cma=False``).
+keep the bytes they held. ``paths`` runs on an NHD pool, ``paths-hnd`` the same on an HND
+pool (a partial last block is one range per head there); over cross-memory attach (the
+default on one host) or, with ``KVHANDOFF_MPI_CMA=0``, MPI ``hindexed`` datatypes.
 
 ``faults``: region path under FaultyTransport: an injected receive error, a stuck send the
 host cannot cancel and frees mid-transfer (its blocks stay out of circulation until the
@@ -94,11 +94,10 @@ def split_slots(blocks: torch.Tensor, tokens: int, order: str,
 
 
 async def run_paths(comm, sender_path: int, receiver_path: int, tag: str, *,
-                    order: str = "NHD", use_cma: bool | None = None) -> None:
+                    order: str = "NHD") -> None:
     rank = comm.Get_rank()
     pool = make_pool(order)
-    transport = MPITransport(comm, use_cma=use_cma)
-    assert bool(transport.cma_peers) == (use_cma is not False), transport.cma_unavailable
+    transport = MPITransport(comm)
     path = sender_path if rank == 0 else receiver_path
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     # Both ranks use the same shuffled table: ids scattered over the whole pool.
@@ -273,13 +272,11 @@ async def run_faults(comm) -> None:
 def main(comm) -> None:
     assert comm.Get_size() == 2, "run with 2 ranks"
     for mode in sys.argv[1].split(","):
-        if mode in ("paths", "paths-hindexed"):
-            hindexed = mode == "paths-hindexed"
+        if mode in ("paths", "paths-hnd"):
             for s, r in ((REGIONS, REGIONS), (REGIONS, STAGED), (STAGED, REGIONS),
                          (STAGED, STAGED)):
                 anyio.run(partial(run_paths, comm, s, r, f"s{int(s > 0)}r{int(r > 0)}",
-                                  order="HND" if hindexed else "NHD",
-                                  use_cma=False if hindexed else None))
+                                  order="HND" if mode == "paths-hnd" else "NHD"))
         elif mode == "faults":
             anyio.run(run_faults, comm)
         else:

@@ -12,9 +12,9 @@ Two ways in, one answer: the staged path feeds each piece to ``piece_crc`` as it
 gathered (sender) or lands (receiver, before its window slot is reused), ``staged_checksum``
 reads a whole staging buffer, and ``blocks_checksum`` gathers the same bytes from the pool's
 layer tensors, piece by piece as the operations carry them, for the region path (which
-moves blocks without staging); only the valid token slots of the last block are in the
-bytes, on either path (``_tokens``). ``DataPath.checksum`` picks the one for a transfer's path, so
-each side may take either path and the two checksums still agree. ``checksum_of_chunks``
+moves blocks without staging); of the last block, only its valid token slots are in the
+bytes, on either path (``_tokens``). ``DataPath.checksum`` picks the one for a transfer's
+path, so each side may take either path and the two checksums still agree. ``checksum_of_chunks``
 combines per-chunk CRCs made by either. Device tensors are copied to the host to be read:
 the checksum is off on the hot path by default for that reason.
 """

@@ -26,10 +26,16 @@ loopback), so later pieces still pair up. The checksum of a staged side is fed p
 piece as the pieces are gathered or land (``_checksum.piece_crc``), never read back from a
 staging buffer that no longer holds the transfer.
 
-The piece count is a function of the chunk's bytes and block count only, which the
-advertise validates (block count, total bytes, layout, chunks), so both sides derive the same
-operations without carrying them. Each posted operation's handle carries its transfer
-(``op.token``), so a completion finds its transfer in O(1). With no staging buffer the
+Only the valid token slots of the last block move (``_tokens``): the last piece of each
+chunk, which holds the last block, cuts each tensor's last block to the ``BlockTail`` the
+token count gives (a shorter last region on the region path, a region copy instead of the
+block kernels for that one piece on the staged path). The piece count is a function of the
+chunk's bytes (those that move) and block count only, and the tail of the count and the
+layout, all of which the advertise validates (block count, token count, total bytes,
+layout, chunks), so both sides derive the same operations without carrying them.
+
+Each posted operation's handle carries its transfer (``op.token``), so a completion finds
+its transfer in O(1). With no staging buffer the
 transport touches the pool's own memory: the blocks stay pinned until every operation is
 final, exactly as the staging buffer does (a quarantined transfer keeps both).
 

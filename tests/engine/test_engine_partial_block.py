@@ -154,3 +154,29 @@ async def test_a_count_that_fills_the_last_block_moves_the_same_pieces_as_none()
         await _move(e0, e1, p0, p1, blocks, blocks * 16, layerwise=False, rid="full")
         assert [n for _, _, n in held.posts] == [n for _, _, n in without]
         assert len(without) == 3 and sum(n for _, _, n in without) == blocks * 4 * 16 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize(("sender_path", "receiver_path"), PATHS, ids=PATH_IDS)
+async def test_adopted_vllm_tensors_move_only_the_valid_slots(
+        order: str, sender_path: int, receiver_path: int) -> None:
+    """Pools over vLLM's ``[2, num_blocks, ...]`` per-layer tensors (K and V as views): the
+    tail is derived from the adopted layout the same way, and the host's own tensors show
+    only the valid slots written."""
+    shape = (2, 8, 4, 2, 8) if order == "NHD" else (2, 8, 2, 4, 8)
+    host0 = [torch.zeros(shape) for _ in range(3)]
+    host1 = [torch.zeros(shape) for _ in range(3)]
+    p0 = BlockPool.from_tensors(host0, order=order)  # type: ignore[arg-type]
+    p1 = BlockPool.from_tensors(host1, order=order)  # type: ignore[arg-type]
+    assert p0.layout.block_tokens == 4 and p0.num_layers == 3
+    t0, t1 = loopback_group(2)
+    e0 = TransferEngine(p0, t0, config=fast_config(region_min_bytes=sender_path,
+                                                   checksum=True))
+    e1 = TransferEngine(p1, t1, config=fast_config(region_min_bytes=receiver_path,
+                                                   checksum=True))
+    # The pool's layers are the host's memory: what _move checks is what the host sees.
+    assert [layer.data_ptr() for layer in p1.layers[:2]] == \
+        [host1[0][0].data_ptr(), host1[0][1].data_ptr()]
+    async with running(e0, e1):
+        await _move(e0, e1, p0, p1, 3, 10, layerwise=False)
+        await _move(e0, e1, p0, p1, 2, 5, layerwise=True, rid="lw")

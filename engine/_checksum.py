@@ -12,8 +12,9 @@ Two ways in, one answer: the staged path feeds each piece to ``piece_crc`` as it
 gathered (sender) or lands (receiver, before its window slot is reused), ``staged_checksum``
 reads a whole staging buffer, and ``blocks_checksum`` gathers the same bytes from the pool's
 layer tensors, piece by piece as the operations carry them, for the region path (which
-moves blocks without staging). ``DataPath.checksum`` picks the one for a transfer's path, so
-each side may take either path and the two checksums still agree. ``checksum_of_chunks``
+moves blocks without staging); of the last block, only its valid token slots are in the
+bytes, on either path (``_tokens``). ``DataPath.checksum`` picks the one for a transfer's
+path, so each side may take either path and the two checksums still agree. ``checksum_of_chunks``
 combines per-chunk CRCs made by either. Device tensors are copied to the host to be read:
 the checksum is off on the hot path by default for that reason.
 """
@@ -25,7 +26,8 @@ import zlib
 from collections.abc import Sequence
 
 import torch
-from kvhandoff import cuda_ext
+from kvhandoff.engine import _tokens
+from kvhandoff.engine.transports import BlockTail
 
 __all__ = ["blocks_checksum", "checksum_of_chunks", "chunk_crc", "piece_crc", "staged_checksum"]
 
@@ -63,19 +65,22 @@ def staged_checksum(staging: torch.Tensor, num_chunks: int) -> int:
 
 
 def blocks_checksum(layer_groups: Sequence[Sequence[torch.Tensor]],
-                    pieces: Sequence[Sequence[int]]) -> int:
+                    pieces: Sequence[Sequence[int]], tail: BlockTail | None = None) -> int:
     """The checksum of blocks read from the pool: ``layer_groups[i]`` are the layer tensors
     of chunk ``i`` (every layer for a whole-request transfer, a layer's K and V for a
     layer-wise one) and ``pieces`` the block ids of each operation of a chunk, in order (one
-    piece: the transfer's ids). Each piece is gathered as its operation carries it, so this
-    equals ``staged_checksum`` of the staging buffer of the same transfer."""
+    piece: the transfer's ids); ``tail`` is what moves of the last block (the last piece's:
+    see ``_tokens``). Each piece is gathered as its operation carries it, so this equals
+    ``staged_checksum`` of the staging buffer of the same transfer."""
     crcs = []
+    last = len(pieces) - 1
     for layers in layer_groups:
         crc = 0
-        for ids in pieces:
-            buf = torch.empty(cuda_ext.packed_nbytes(list(layers), len(ids)),
+        for index, ids in enumerate(pieces):
+            cut = tail if index == last else None
+            buf = torch.empty(_tokens.packed_nbytes(layers, len(ids), cut),
                               dtype=torch.uint8, device=layers[0].device)
-            cuda_ext.gather(list(layers), list(ids), buf)
+            _tokens.gather(layers, ids, buf, cut)
             crc = zlib.crc32(_host_bytes(buf), crc)
         crcs.append(crc)
     return checksum_of_chunks(crcs)

@@ -26,10 +26,16 @@ loopback), so later pieces still pair up. The checksum of a staged side is fed p
 piece as the pieces are gathered or land (``_checksum.piece_crc``), never read back from a
 staging buffer that no longer holds the transfer.
 
-The piece count is a function of the chunk's bytes and block count only, which the
-advertise validates (block count, total bytes, layout, chunks), so both sides derive the same
-operations without carrying them. Each posted operation's handle carries its transfer
-(``op.token``), so a completion finds its transfer in O(1). With no staging buffer the
+Only the valid token slots of the last block move (``_tokens``): the last piece of each
+chunk, which holds the last block, cuts each tensor's last block to the ``BlockTail`` the
+token count gives (a shorter last region on the region path, a region copy instead of the
+block kernels for that one piece on the staged path). The piece count is a function of the
+chunk's bytes (those that move) and block count only, and the tail of the count and the
+layout, all of which the advertise validates (block count, token count, total bytes,
+layout, chunks), so both sides derive the same operations without carrying them.
+
+Each posted operation's handle carries its transfer (``op.token``), so a completion finds
+its transfer in O(1). With no staging buffer the
 transport touches the pool's own memory: the blocks stay pinned until every operation is
 final, exactly as the staging buffer does (a quarantined transfer keeps both).
 
@@ -67,7 +73,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from kvhandoff import cuda_ext
+from kvhandoff.engine import _tokens
 from kvhandoff.engine import _wire as wire
 from kvhandoff.engine._checksum import blocks_checksum, checksum_of_chunks, piece_crc
 from kvhandoff.engine._staging import StagingPool
@@ -107,6 +113,7 @@ class DataPath:
         self._region_min_bytes = (self._transport.region_min_bytes if min_bytes is None
                                   else min_bytes)
         self._tensor_block_nbytes = pool.block_nbytes // len(pool.layers)
+        self._slots = _tokens.TokenSlots(pool.layout, pool.layers)
         self.staging = StagingPool(device=pool.device)
         self._window = engine.config.staging_window
         self._tags_in_use: set[int] = set()
@@ -142,10 +149,21 @@ class DataPath:
 
     # --- starting --------------------------------------------------------------------------
 
+    def chunk_nbytes(self, blocks: int, num_tokens: int, num_chunks: int) -> int:
+        """The bytes one of ``num_chunks`` chunks of a transfer of ``blocks`` blocks holding
+        ``num_tokens`` tokens moves: its tensors' blocks, the last one's valid slots only
+        (``_tokens``). What the advertise carries and the sender validates."""
+        return self._slots.chunk_nbytes(blocks, num_tokens, len(self._layers) // num_chunks)
+
     def _plan(self, transfer: Transfer) -> None:
         """Choose the operations of a transfer (its pieces) and this side's path."""
         ids = transfer.block_ids
         blocks = len(ids)
+        # Both sides know the count (the advertise carries it, the sender validates it), so
+        # both cut the last block alike, and every piece but the last is whole blocks.
+        transfer.tail = self._slots.tail(transfer.num_tokens, blocks)
+        tensors = len(self._chunk_layers(transfer, 0))
+        transfer.short_nbytes = tensors * self._slots.left_out(transfer.num_tokens, blocks)
         # One-sided (NIXL): one WRITE per chunk. Pieces buy overlap of a gather or scatter
         # with the move; on the region path there is neither, and each piece would cost an
         # advertisement, two descriptor lists and a DONE. Both sides run the same transport,
@@ -168,7 +186,7 @@ class DataPath:
         bounds = transfer.piece_bounds
         widest = max(bounds[p + 1] - bounds[p] for p in range(pieces))
         transfer.window = self._window
-        transfer.slot_nbytes = widest * (transfer.chunk_nbytes // blocks)
+        transfer.slot_nbytes = widest * transfer.block_chunk_nbytes
         transfer.free_slots = list(range(self._window - 1, -1, -1))  # pop() gives slot 0
         transfer.staging = self.staging.acquire(self._window * transfer.slot_nbytes)
 
@@ -268,8 +286,8 @@ class DataPath:
                 transfer.slots[index] = transfer.free_slots.pop()
             view = transfer.op_view(index)
             try:
-                cuda_ext.gather(self._chunk_layers(transfer, chunk),
-                                transfer.piece_ids(index), view)
+                _tokens.gather(self._chunk_layers(transfer, chunk), transfer.piece_ids(index),
+                               view, transfer.piece_tail(index))
                 if transfer.want_checksum:
                     transfer.crcs[chunk] = piece_crc(view, transfer.crcs[chunk])
             except Exception as exc:  # a bad block table must fail this transfer only
@@ -304,7 +322,7 @@ class DataPath:
         try:
             if transfer.regions:
                 regions = block_regions(self._chunk_layers(transfer, chunk),
-                                        transfer.piece_ids(index))
+                                        transfer.piece_ids(index), transfer.piece_tail(index))
                 if kind is HandleKind.SEND:
                     op = transport.post_send_regions(regions, transfer.peer, tag)
                 else:
@@ -445,12 +463,12 @@ class DataPath:
             return checksum_of_chunks(transfer.crcs)
         groups = (self._layer_pairs if transfer.layerwise else [self._layers])
         pieces = [transfer.piece_ids(i) for i in range(transfer.pieces)]
-        return blocks_checksum(groups, pieces)
+        return blocks_checksum(groups, pieces, transfer.tail)
 
     def _scatter(self, transfer: Transfer, index: int) -> None:
-        cuda_ext.scatter(transfer.op_view(index),
-                         self._chunk_layers(transfer, index // transfer.pieces),
-                         transfer.piece_ids(index))
+        _tokens.scatter(transfer.op_view(index),
+                        self._chunk_layers(transfer, index // transfer.pieces),
+                        transfer.piece_ids(index), transfer.piece_tail(index))
 
     # --- wind-down -------------------------------------------------------------------------
 

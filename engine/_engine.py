@@ -150,7 +150,6 @@ class TransferEngine:
         self.layout_bytes = layout.encode()
         self._clock = clock
         self._num_layers = pool.num_layers
-        self._block_nbytes = pool.block_nbytes
         self._log = rank_logger(self.rank)
         # Asked again at every tick and public call: ``configure_logging()`` may come after
         # the engine exists (an attribute, not a call, on the hot path).
@@ -560,9 +559,10 @@ class TransferEngine:
             confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
                              else None))
         chunks = self._num_layers if admission.layerwise else 1
+        chunk_nbytes = self._datapath.chunk_nbytes(len(ids), admission.num_tokens, chunks)
         transfer = Transfer(session=session, layerwise=admission.layerwise, num_chunks=chunks,
-                            chunk_nbytes=self._block_nbytes * len(ids) // chunks,
-                            expected=chunks, num_tokens=admission.num_tokens,
+                            chunk_nbytes=chunk_nbytes, expected=chunks,
+                            num_tokens=admission.num_tokens,
                             metadata=admission.metadata, data_tag=data_tag)
         transfer.handle = TransferHandle(transfer, self._on_layer_ready)
         self._transfers[request_id] = transfer

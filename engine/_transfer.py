@@ -10,6 +10,9 @@ Operations. A transfer has ``num_chunks`` chunks (one, or one per layer), chunk 
 tag ``data_tag + c``; each chunk moves as ``pieces`` operations on its tag, in order, piece
 ``p`` carrying the blocks ``block_ids[piece_bounds[p]:piece_bounds[p + 1]]`` of the chunk's
 tensors (packed, as ``cuda_ext.gather`` of them). ``ops[c * pieces + p]`` is that operation.
+Of the last block only its valid token slots move (``_tokens``): the last piece of each
+chunk has the ``tail`` and is ``short_nbytes`` shorter than its blocks; ``chunk_nbytes`` and
+``total_nbytes`` are the bytes that move.
 
 Staging. A staged side holds the whole transfer in ``staging`` when it has at most
 ``EngineConfig.staging_window`` operations; a larger one holds a *window* of ``window``
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import torch
-from kvhandoff.engine.transports import TransportHandle
+from kvhandoff.engine.transports import BlockTail, TransportHandle
 from kvhandoff.sessions import Role, State, TransferSession
 
 if TYPE_CHECKING:
@@ -78,6 +81,10 @@ class Transfer:
     #: set by the data path when the transfer starts.
     pieces: int = 1
     piece_bounds: tuple[int, ...] = ()
+    #: What moves of each tensor's last block (None: all of it; see ``_tokens``), and the
+    #: bytes per chunk that the rest of it would have added.
+    tail: BlockTail | None = None
+    short_nbytes: int = 0
     #: This side moves the blocks where they are (the transport's region form), not through
     #: ``staging``.
     regions: bool = False
@@ -113,7 +120,7 @@ class Transfer:
     #: outcome may be OK only once both this and every byte are in.
     accepted: bool = False
 
-    #: Bytes the transfer moves (every chunk).
+    #: Bytes the transfer moves (every chunk): only the last block's valid slots of it.
     total_nbytes: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -162,17 +169,28 @@ class Transfer:
             return self.block_ids
         return self.block_ids[self.piece_bounds[piece]:self.piece_bounds[piece + 1]]
 
+    def piece_tail(self, index: int) -> BlockTail | None:
+        """The tail of operation ``index``'s last block: the transfer's for the last piece
+        of a chunk (it holds the last block), None for the others."""
+        return self.tail if index % self.pieces == self.pieces - 1 else None
+
     @property
     def windowed(self) -> bool:
         """Staged through a window of fewer slots than operations."""
         return self.window > 0
+
+    @property
+    def block_chunk_nbytes(self) -> int:
+        """The bytes one whole block adds to a chunk."""
+        return (self.chunk_nbytes + self.short_nbytes) // len(self.block_ids)
 
     def piece_nbytes(self, index: int) -> int:
         """The bytes operation ``index`` carries."""
         piece = index % self.pieces
         blocks = self.piece_bounds[piece + 1] - self.piece_bounds[piece] \
             if self.pieces > 1 else len(self.block_ids)
-        return blocks * (self.chunk_nbytes // len(self.block_ids))
+        short = self.short_nbytes if piece == self.pieces - 1 else 0
+        return blocks * self.block_chunk_nbytes - short
 
     def op_view(self, index: int) -> torch.Tensor:
         """The bytes of operation ``index`` in the staging buffer: its slot when windowed
@@ -185,6 +203,6 @@ class Transfer:
         if self.num_chunks == 1 and self.pieces == 1:
             return staging  # exactly the transfer's bytes: no slice to make per operation
         chunk, piece = divmod(index, self.pieces)
-        per_block = self.chunk_nbytes // len(self.block_ids)
-        start = chunk * self.chunk_nbytes + self.piece_bounds[piece] * per_block
-        return staging[start:chunk * self.chunk_nbytes + self.piece_bounds[piece + 1] * per_block]
+        # Every piece before the last is whole blocks.
+        start = chunk * self.chunk_nbytes + self.piece_bounds[piece] * self.block_chunk_nbytes
+        return staging[start:start + self.piece_nbytes(index)]

@@ -32,7 +32,9 @@ the moved bytes), ACCEPT's ``checksum``, and the ``checksum_mismatch`` reason. V
 added ADVERTISE's ``num_tokens`` and ``layout`` (the receiver's encoded ``KVLayout``, so a
 mismatch names its fields) and ACCEPT's ``metadata`` (the sender's opaque bytes for the
 receiver); both are length-prefixed bytes, carried as they are and never interpreted here.
-Version 4 made a control payload a frame of several messages.
+Version 4 made a control payload a frame of several messages, and changed what the data
+carries: only the valid token slots of the last block move, and ADVERTISE's
+``total_bytes`` counts those bytes (a version-3 peer would move whole blocks).
 """
 
 from __future__ import annotations
@@ -193,8 +195,9 @@ def _check_reason(value: object) -> None:
 @attrs.frozen
 class Advertise:
     """Receiver -> sender: "my receive is posted". ``total_bytes`` is the whole transfer;
-    it must be a multiple of ``block_count`` (blocks have one size) and of ``num_chunks``
-    (layer-wise chunks have one size). Chunk ``i`` travels on data tag ``data_tag + i``.
+    it must be a multiple of ``num_chunks`` (layer-wise chunks have one size) and, when
+    every slot moves (``num_tokens`` 0), of ``block_count`` (blocks have one size; with a
+    count only the last block's valid slots move). Chunk ``i`` travels on data tag ``data_tag + i``.
     ``want_checksum``: the sender must answer with ACCEPT carrying its checksum of the bytes
     it sent, which the receiver compares with what landed before it confirms (DONE).
     ``num_tokens`` is how many tokens the receive takes (the last block may be partly
@@ -223,7 +226,7 @@ class Advertise:
             raise FieldRangeError("want_checksum", self.want_checksum, "a bool")
         _check_int("num_tokens", self.num_tokens, 0, MAX_TOTAL_TOKENS)
         _check_bytes("layout", self.layout, MAX_LAYOUT_FIELD_BYTES)
-        if self.total_bytes % self.block_count:
+        if not self.num_tokens and self.total_bytes % self.block_count:
             raise FieldRangeError(
                 "total_bytes", self.total_bytes, f"a multiple of block_count={self.block_count}"
             )
@@ -559,12 +562,13 @@ def validate_advertise(
     if advertise.block_count != block_count:
         return fail(FailReason.BLOCK_COUNT_MISMATCH, "block count", advertise.block_count,
                     block_count)
+    # An advertise that does not say (0) takes every slot of every block. Checked before
+    # the bytes, which follow from the count (only the valid slots move): name the cause.
+    theirs = advertise.num_tokens or advertise.block_count * block_tokens
+    if num_tokens is not None and theirs != num_tokens:
+        return fail(FailReason.SIZE_MISMATCH, "num tokens", theirs, num_tokens)
     if advertise.total_bytes != total_bytes:
         return fail(FailReason.SIZE_MISMATCH, "total bytes", advertise.total_bytes, total_bytes)
     if advertise.num_chunks != num_chunks:
         return fail(FailReason.CHUNK_MISMATCH, "chunks", advertise.num_chunks, num_chunks)
-    # An advertise that does not say (0) takes every slot of every block.
-    theirs = advertise.num_tokens or advertise.block_count * block_tokens
-    if num_tokens is not None and theirs != num_tokens:
-        return fail(FailReason.SIZE_MISMATCH, "num tokens", theirs, num_tokens)
     return None

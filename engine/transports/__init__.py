@@ -20,7 +20,7 @@ from kvhandoff.engine.transports._faulty import Fault, FaultyTransport
 from kvhandoff.engine.transports._loopback import LoopbackTransport, loopback_group
 from kvhandoff.engine.transports._mpi import MPITransport
 from kvhandoff.engine.transports._nixl import NixlTransport
-from kvhandoff.engine.transports._regions import Regions, block_regions
+from kvhandoff.engine.transports._regions import BlockTail, Regions, block_regions, buffer_regions
 from kvhandoff.engine.transports._torchdist import TorchDistTransport
 from kvhandoff.engine.transports.errors import (
     ControlMessageTooLargeError,
@@ -37,6 +37,7 @@ from kvhandoff.engine.transports.errors import (
 __all__ = [
     "CONTROL_TAG",
     "MAX_CONTROL_BYTES",
+    "BlockTail",
     "ControlMessageTooLargeError",
     "Fault",
     "FaultyTransport",
@@ -59,5 +60,6 @@ __all__ = [
     "TransportUnavailableError",
     "WrappingTransport",
     "block_regions",
+    "buffer_regions",
     "loopback_group",
 ]

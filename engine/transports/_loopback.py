@@ -20,7 +20,6 @@ import collections
 import threading
 from typing import cast
 
-import numpy as np
 import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine.transports._base import (
@@ -29,7 +28,7 @@ from kvhandoff.engine.transports._base import (
     Transport,
     TransportHandle,
 )
-from kvhandoff.engine.transports._regions import Regions
+from kvhandoff.engine.transports._regions import Regions, buffer_regions
 from kvhandoff.engine.transports.errors import InvalidBufferError
 
 __all__ = ["LoopbackTransport", "loopback_group"]
@@ -148,10 +147,7 @@ class _Hub:
 
 def _as_regions(data: torch.Tensor | Regions) -> Regions:
     """``data`` as regions: a (flat byte view) buffer is one region over its bytes."""
-    if isinstance(data, Regions):
-        return data
-    return Regions(np.array([data.data_ptr()], dtype=np.uint64),
-                   np.array([data.numel()], dtype=np.uint64), data.device, (data,), data.numel())
+    return data if isinstance(data, Regions) else buffer_regions(data)
 
 
 class LoopbackTransport(Transport):

@@ -13,6 +13,14 @@ block ids whose blocks are adjacent in memory collapse into one region. ``Region
 tensors it points into alive, and holds addresses and lengths as two ``uint64`` numpy arrays
 (descriptor lists for NIXL, displacements for an MPI ``hindexed`` type) built without a Python
 step per block.
+
+A partial last block. A request's last block is usually only partly filled: with ``tail`` (a
+``BlockTail``), the last block of each tensor contributes only those bytes, ``runs`` ranges of
+``nbytes`` each, ``stride`` apart from the block's start (the token slots that hold tokens:
+one prefix of an ``NHD`` block, one range per head of an ``HND`` one; the engine derives the
+tail from the transfer's token count). The byte stream stays tensor-major: each tensor's
+whole blocks, then its tail. ``buffer_regions(buf)`` is a contiguous buffer as one region,
+for a copy between a buffer and regions (``cuda_ext.copy_regions``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 import torch
 from kvhandoff.engine.transports.errors import InvalidBufferError
 
-__all__ = ["Regions", "block_regions"]
+__all__ = ["BlockTail", "Regions", "block_regions", "buffer_regions"]
 
 
 @attrs.frozen(eq=False)
@@ -69,6 +77,44 @@ class Regions:
         return out
 
 
+@attrs.frozen
+class BlockTail:
+    """The bytes of a block that move when only part of it does: ``runs`` ranges of
+    ``nbytes`` bytes, the first at the block's start and each next one ``stride`` bytes
+    after the one before (``stride`` matters only for ``runs > 1``). Checked against the
+    tensors' blocks by ``block_regions``."""
+
+    runs: int
+    nbytes: int
+    stride: int = 0
+
+    @property
+    def total(self) -> int:
+        """Bytes the tail moves of one block."""
+        return self.runs * self.nbytes
+
+    def check(self, block_nbytes: int) -> None:
+        """``InvalidBufferError`` unless the ranges lie in a block of ``block_nbytes`` bytes,
+        in order and apart."""
+        fields = (self.runs, self.nbytes, self.stride)
+        if any(isinstance(f, bool) or not isinstance(f, int) for f in fields) \
+                or self.runs < 1 or self.nbytes < 1 \
+                or (self.runs > 1 and self.stride < self.nbytes) \
+                or (self.runs - 1) * self.stride + self.nbytes > block_nbytes:
+            raise InvalidBufferError(
+                f"a block tail of {self.runs} ranges of {self.nbytes} bytes, {self.stride} "
+                f"apart, does not fit in order in a block of {block_nbytes} bytes")
+
+
+def buffer_regions(buf: torch.Tensor) -> Regions:
+    """A contiguous tensor as one region over its bytes."""
+    if not isinstance(buf, torch.Tensor) or not buf.is_contiguous():
+        raise InvalidBufferError("buffer_regions needs a contiguous torch.Tensor")
+    nbytes = buf.numel() * buf.element_size()
+    return Regions(np.array([buf.data_ptr()], dtype=np.uint64),
+                   np.array([nbytes], dtype=np.uint64), buf.device, (buf,), nbytes)
+
+
 def _block_geometry(tensor: torch.Tensor) -> tuple[int, int, int]:
     """``(num_blocks, block bytes, block stride in bytes)`` of a ``[num_blocks, ...]`` tensor
     whose every block is contiguous; ``InvalidBufferError`` otherwise."""
@@ -88,12 +134,14 @@ def _block_geometry(tensor: torch.Tensor) -> tuple[int, int, int]:
 
 
 def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np.ndarray,
-                  ) -> Regions:
+                  tail: BlockTail | None = None) -> Regions:
     """The regions of blocks ``block_ids`` of every tensor in ``tensors`` (each
-    ``[num_blocks, ...]``, one device, every block contiguous), in packed order. Raises
-    ``InvalidBufferError`` for tensors of another form or out-of-range ids, before anything
-    else. Ids are not checked for duplicates (a send may read a block twice; the engine
-    validates a receive's ids)."""
+    ``[num_blocks, ...]``, one device, every block contiguous), in packed order; with
+    ``tail``, the last block of each tensor contributes only the tail's ranges (see the
+    module docstring). Raises ``InvalidBufferError`` for tensors of another form,
+    out-of-range ids or a tail that does not fit a block, before anything else. Ids are not
+    checked for duplicates (a send may read a block twice; the engine validates a receive's
+    ids)."""
     tensors = tuple(tensors)
     if not tensors:
         raise InvalidBufferError("block_regions needs at least one tensor")
@@ -106,6 +154,11 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
         if tensor.device != device:
             raise InvalidBufferError(
                 f"every block tensor must be on one device: {device} and {tensor.device}")
+    if tail is not None:
+        if not isinstance(tail, BlockTail):
+            raise InvalidBufferError(f"tail must be a BlockTail, not {type(tail).__name__}")
+        for block_nbytes in {g[1] for g in geometry}:  # a pool's tensors share one size
+            tail.check(block_nbytes)
     low, high = int(ids.min()), int(ids.max())
     limit = min(g[0] for g in geometry)
     if low < 0 or high >= limit:
@@ -116,7 +169,8 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
     run_first = ids[starts].astype(np.uint64)
     run_len = np.diff(np.append(starts, ids.size)).astype(np.uint64)
     bases = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
-    total = sum(ids.size * g[1] for g in geometry)
+    # With a tail, each tensor's last block leaves out what its tail does not move.
+    total = sum(ids.size * g[1] - (0 if tail is None else g[1] - tail.total) for g in geometry)
     if len({g[1:] for g in geometry}) == 1:  # one block size and stride: one pass for all
         _, block_nbytes, stride = geometry[0]
         if stride == block_nbytes:  # adjacent blocks: one region per run
@@ -124,8 +178,18 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
         else:  # blocks apart in memory (K and V interleaved per block): one per block
             offsets = ids.astype(np.uint64) * np.uint64(stride)
             lengths = np.full(ids.size, block_nbytes, dtype=np.uint64)
+        if tail is not None:
+            # The last region ends with the last block (alone, or closing its run): cut it
+            # to the tail's first range, and add the others after it.
+            lengths[-1] -= np.uint64(block_nbytes - tail.nbytes)
+            if tail.runs > 1:
+                last = np.uint64(int(ids[-1]) * stride)
+                more = last + np.arange(1, tail.runs, dtype=np.uint64) * np.uint64(tail.stride)
+                offsets = np.concatenate([offsets, more])
+                lengths = np.concatenate(
+                    [lengths, np.full(tail.runs - 1, tail.nbytes, dtype=np.uint64)])
         addresses = np.add.outer(bases, offsets).ravel()
         return Regions(addresses, np.tile(lengths, len(tensors)), device, tensors, total)
-    parts = [block_regions([t], ids) for t in tensors]
+    parts = [block_regions([t], ids, tail) for t in tensors]
     return Regions(np.concatenate([p.addresses for p in parts]),
                    np.concatenate([p.lengths for p in parts]), device, tensors, total)

@@ -37,7 +37,8 @@ def fill(pool: BlockPool, block_ids: Sequence[int], seed: int) -> list[torch.Ten
     """Write a known pattern into ``block_ids`` of every layer; returns the expected KV."""
     gen = torch.Generator().manual_seed(seed)
     for layer in pool.layers:
-        layer[list(block_ids)] = torch.randn(layer[list(block_ids)].shape, generator=gen)
+        layer[list(block_ids)] = torch.randn(layer[list(block_ids)].shape,
+                                             generator=gen).to(layer.dtype)
     return [layer[list(block_ids)].clone() for layer in pool.layers]
 
 
@@ -47,6 +48,29 @@ def kv_of(pool: BlockPool, block_ids: Sequence[int]) -> list[torch.Tensor]:
 
 def same_kv(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def token_slots(pool: BlockPool, block_ids: Sequence[int],
+                num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The bytes of ``block_ids`` in every layer tensor split at ``num_tokens``: (the valid
+    token slots: every slot of the blocks before the last, then the last block's first
+    ``valid``; the last block's slots past the count), each a uint8 copy per layer tensor,
+    for either block order (``pool.layout.order``). Compared as bytes, so NaN poison
+    compares equal to itself."""
+    ids = list(block_ids)
+    valid = num_tokens - (len(ids) - 1) * pool.block_tokens
+    assert 0 < valid <= pool.block_tokens
+    head_major = pool.layout.order == "HND"
+    kept: list[torch.Tensor] = []
+    past: list[torch.Tensor] = []
+    for layer in pool.layers:
+        last = layer[ids[-1]]
+        tail, rest = (last[:, :valid], last[:, valid:]) if head_major else \
+            (last[:valid], last[valid:])
+        kept.append(torch.cat([layer[ids[:-1]].reshape(-1).view(torch.uint8),
+                               tail.contiguous().reshape(-1).view(torch.uint8)]))
+        past.append(rest.contiguous().reshape(-1).view(torch.uint8))
+    return kept, past
 
 
 class ManualClock:

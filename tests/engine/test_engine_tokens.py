@@ -16,7 +16,17 @@ import pickle
 import anyio
 import pytest
 import torch
-from engine_support import engine_pair, fast_config, fill, kv_of, running, same_kv, ticks, until
+from engine_support import (
+    engine_pair,
+    fast_config,
+    fill,
+    kv_of,
+    running,
+    same_kv,
+    ticks,
+    token_slots,
+    until,
+)
 from kvhandoff.engine import (
     BlockPool,
     EngineConfigError,
@@ -37,13 +47,20 @@ async def test_num_tokens_round_trip_reports_the_count_on_both_sides() -> None:
     async with engine_pair() as pair:
         e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(3, owner="t"), p1.alloc(3, owner="t")
-        expected = fill(p0, src, seed=1)
+        fill(p0, src, seed=1)
+        fill(p1, dst, seed=4)
+        _, untouched = token_slots(p1, dst, 10)
         hs = e0.send("t", src, 1, num_tokens=10)  # 3 blocks of 4: the last holds 2
         hr = e1.receive("t", dst, 0, num_tokens=10)
         sent, got = await hs.wait(), await hr.wait()
         assert sent.num_tokens == got.num_tokens == 10
         assert (sent.role, got.role) == (Role.SENDER, Role.RECEIVER)
-        assert same_kv(kv_of(p1, dst), expected)
+        # Only the 10 tokens moved: the receiver's last 2 slots kept their bytes.
+        kept, past = token_slots(p1, dst, 10)
+        assert same_kv(kept, token_slots(p0, src, 10)[0])
+        assert same_kv(past, untouched)
+        token_bytes = 2 * 8 * 4  # kv_heads x head_dim float32, per layer tensor
+        assert sent.nbytes == got.nbytes == 10 * token_bytes * len(p0.layers)
         # Left out, the count is every slot of every block.
         src2, dst2 = p0.alloc(2, owner="u"), p1.alloc(2, owner="u")
         hs, hr = e0.send("u", src2, 1), e1.receive("u", dst2, 0)
@@ -228,12 +245,15 @@ async def test_metadata_and_checksum_travel_together_in_accept() -> None:
     async with engine_pair(fast_config(checksum=True)) as pair:
         e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
         src, dst = p0.alloc(3, owner="c"), p1.alloc(3, owner="c")
-        expected = fill(p0, src, seed=9)
+        fill(p0, src, seed=9)
+        _, untouched = token_slots(p1, dst, 11)
         hs = e0.send("c", src, 1, num_tokens=11, metadata=b"with a checksum")
         hr = e1.receive("c", dst, 0, num_tokens=11)
         got = await hr.wait()
         await hs.wait()
         assert got.metadata == b"with a checksum" and got.num_tokens == 11
-        assert same_kv(kv_of(p1, dst), expected)
+        kept, past = token_slots(p1, dst, 11)
+        assert same_kv(kept, token_slots(p0, src, 11)[0])
+        assert same_kv(past, untouched)
         p0.free(src, owner="c")
         p1.free(dst, owner="c")

@@ -235,6 +235,14 @@ def test_zero_copy_paths_pair_with_each_other_over_mpi(run_mpi: RunMPI) -> None:
 
 
 @pytest.mark.mpi
+def test_zero_copy_paths_pair_on_head_major_pools_over_mpi(run_mpi: RunMPI) -> None:
+    """The same pairings on an HND pool: a partial last block is one range per head."""
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths-hnd", timeout=240)
+    for rank in range(2):
+        assert f"rank {rank} zero-copy paths-hnd OK" in result.stdout, result.stdout
+
+
+@pytest.mark.mpi
 def test_zero_copy_faults_keep_blocks_pinned_over_mpi(run_mpi: RunMPI) -> None:
     result = run_mpi(2, "engine_mpi_zero_copy.py", "faults", timeout=240)
     for rank in range(2):

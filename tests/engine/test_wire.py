@@ -186,8 +186,10 @@ def test_wire_bad_magic_rejected() -> None:
 
 
 def test_wire_wrong_version_rejected() -> None:
-    # 1: before the outcome handshake's fields; 2: before the tokens, layout and metadata.
-    for version in (1, 2, wire.WIRE_VERSION + 1):
+    # 1: before the outcome handshake's fields; 2: before the tokens, layout and metadata;
+    # 3: a peer that moves whole blocks whatever the count (its total bytes mean another
+    # stream than ours).
+    for version in (1, 2, 3, wire.WIRE_VERSION + 1):
         data = bytearray(encode(Done("x")))
         data[4] = version
         with pytest.raises(UnsupportedVersionError) as info:
@@ -429,6 +431,21 @@ def test_validate_advertise_without_a_token_count_means_every_slot() -> None:
     fail = validate_advertise(adv, num_tokens=121, **common)  # type: ignore[arg-type]
     assert fail is not None and fail.reason is FailReason.SIZE_MISMATCH
     assert "num tokens: receiver 128, sender 121" in fail.detail
+
+
+def test_advertise_with_a_count_carries_the_valid_bytes() -> None:
+    """With a count, only the last block's valid slots move: the total need not be a
+    multiple of the block count (without one it must be), and a different count is named
+    as the cause before the bytes that follow from it."""
+    adv = Advertise("req", 3, 35 * 64, FP, 3, 1, False, 35)  # 16 tokens of 64 bytes a block
+    assert decode(encode(adv)) == adv
+    with pytest.raises(FieldRangeError) as info:
+        Advertise("req", 3, 35 * 64, FP, 3)
+    assert info.value.field == "total_bytes"
+    fail = validate_advertise(adv, request_id="req", block_count=3, total_bytes=40 * 64,
+                              layout_fingerprint=FP, num_tokens=40, block_tokens=16)
+    assert fail is not None and fail.reason is FailReason.SIZE_MISMATCH
+    assert "num tokens: receiver 35, sender 40" in fail.detail
 
 
 @pytest.mark.parametrize(

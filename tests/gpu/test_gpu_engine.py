@@ -11,8 +11,8 @@ from functools import partial
 
 import pytest
 import torch
-from engine_support import HeldTransport, fast_config, running, ticks, until
-from kvhandoff.engine import BlockPool, TransferCancelled, TransferEngine
+from engine_support import HeldTransport, fast_config, running, ticks, token_slots, until
+from kvhandoff.engine import BlockPool, KVLayout, TransferCancelled, TransferEngine
 from kvhandoff.engine.transports import Fault, FaultyTransport, Transport, loopback_group
 from kvhandoff.sessions import CancelResult, State
 
@@ -131,3 +131,46 @@ async def test_gpu_engine_cancelled_stuck_transfer_keeps_freed_poison(device: st
         p1.free(again, owner="again")
     p0.check()
     p1.check()
+
+
+REGION, STAGED = 0, 1 << 62  # EngineConfig.region_min_bytes for each path
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize(("sender_path", "receiver_path"),
+                         [(REGION, STAGED), (STAGED, REGION), (STAGED, STAGED)],
+                         ids=["region-to-staged", "staged-to-region", "staged-to-staged"])
+@pytest.mark.parametrize("device", DEVICES)
+async def test_gpu_engine_partial_last_block_moves_only_its_valid_slots(
+        device: str, sender_path: int, receiver_path: int, order: str) -> None:
+    """A count that leaves the last block partly empty: the staged side's last piece is a
+    region copy on the device (the kernels for the whole blocks), the region side's last
+    regions are cut; only the valid slots land, the others keep their bytes, and the two
+    checksums agree."""
+    geometry = ((32, 16, 8, 128) if device == "cuda" else (4, 4, 2, 8))
+    layout = KVLayout(*geometry, torch.bfloat16, order=order)  # type: ignore[arg-type]
+    p0, p1 = (BlockPool.from_layout(layout, 64, device=device, debug=True) for _ in range(2))
+    t0, t1 = loopback_group(2)
+    e0 = TransferEngine(p0, t0, config=fast_config(region_min_bytes=sender_path,
+                                                   checksum=True))
+    e1 = TransferEngine(p1, t1, config=fast_config(region_min_bytes=receiver_path,
+                                                   checksum=True))
+    tokens = 36 * layout.block_tokens + 3  # 37 blocks, the last holding 3 tokens
+    async with running(e0, e1):
+        src, dst = p0.alloc(37, owner="p"), p1.alloc(37, owner="p")
+        src, dst = src[::-1], dst[3:] + dst[:3]
+        fill_random(p0, src, seed=3)
+        fill_random(p1, dst, seed=4)
+        _, untouched = token_slots(p1, dst, tokens)
+        hs = e0.send("p", src, 1, num_tokens=tokens)
+        hr = e1.receive("p", dst, 0, num_tokens=tokens)
+        sent, got = await hs.wait(), await hr.wait()
+        kept, past = token_slots(p1, dst, tokens)
+        assert same_bytes(kept, token_slots(p0, src, tokens)[0])
+        assert same_bytes(past, untouched)
+        row = layout.kv_heads * layout.head_dim * 2  # one token of one tensor, bf16
+        assert sent.nbytes == got.nbytes == tokens * row * len(p0.layers)
+        p1.assert_poisoned()  # nothing written outside the transfer's blocks
+        await until(lambda: not p0.pinned_by("p") and not p1.pinned_by("p"))
+        p0.free(src, owner="p")
+        p1.free(dst, owner="p")

@@ -5,11 +5,16 @@ receives), debug (poison) pools: ``engine_mpi_zero_copy.py MODE[,MODE...]``.
 ``region_min_bytes`` chooses its own path), plain and layer-wise, transfers of several pieces,
 block ids scattered over the pool with some runs; the receiver's blocks hold the sender's
 data and every free block is still poisoned (nothing was written outside the table); a
-region side allocates no staging buffer. ``faults``: region path under FaultyTransport: an
-injected receive error, a stuck send the host cannot cancel and frees mid-transfer (its
-blocks stay out of circulation until the operation is final, then come back poisoned), a
-receive the host cancels and frees, and sizes that differ between the sides (a typed failure
-on both, nothing posted). Prints
+region side allocates no staging buffer. Some transfers carry a token count that leaves the
+last block partly empty: only its valid slots move, and the receiver's slots past the count
+keep the bytes they held. ``paths`` runs on an NHD pool, ``paths-hnd`` the same on an HND
+pool (a partial last block is one range per head there); over cross-memory attach (the
+default on one host) or, with ``KVHANDOFF_MPI_CMA=0``, MPI ``hindexed`` datatypes.
+
+``faults``: region path under FaultyTransport: an injected receive error, a stuck send the
+host cannot cancel and frees mid-transfer (its blocks stay out of circulation until the
+operation is final, then come back poisoned), a receive the host cancels and frees, and
+sizes that differ between the sides (a typed failure on both, nothing posted). Prints
 ``rank R zero-copy MODE OK``.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
+from functools import partial
 
 import anyio
 import numpy as np
@@ -26,6 +32,7 @@ from _harness import mpi_main
 from kvhandoff.engine import (
     BlockPool,
     EngineConfig,
+    KVLayout,
     TransferCancelled,
     TransferEngine,
     TransferError,
@@ -40,8 +47,10 @@ NUM_BLOCKS = 480
 REGIONS, STAGED = 0, 1 << 40  # region_min_bytes: always regions / never
 
 
-def make_pool() -> BlockPool:
-    return BlockPool(NUM_BLOCKS, *LAYOUT, dtype=torch.float16, debug=True)
+def make_pool(order: str = "NHD") -> BlockPool:
+    layers, tokens, heads, dim = LAYOUT
+    return BlockPool.from_layout(KVLayout(layers, tokens, heads, dim, torch.float16,
+                                          order=order), NUM_BLOCKS, debug=True)
 
 
 def config(region_min_bytes: int, **overrides: float) -> EngineConfig:
@@ -63,23 +72,39 @@ async def wait_until(predicate, timeout: float = 20.0) -> None:
         await anyio.sleep(0.001)  # yield to the engine's loop; the predicate decides
 
 
-# (request id, block count, layer-wise): 100 blocks = 12.5 MiB (3 pieces), layer-wise 160
-# blocks = 10 MiB per layer (2 pieces each), one block, 40 blocks (1 piece).
-TRANSFERS = [("big", 100, False), ("layers", 160, True), ("one", 1, False),
-             ("small", 40, False)]
+# (request id, block count, layer-wise, tokens): 100 blocks = 12.5 MiB (3 pieces), layer-wise
+# 160 blocks = 10 MiB per layer (2 pieces each), one block, 40 blocks (1 piece); then counts
+# that leave the last block partly empty (None: every slot).
+TOKENS = LAYOUT[1]
+TRANSFERS = [("big", 100, False, None), ("layers", 160, True, None), ("one", 1, False, None),
+             ("small", 40, False, None), ("partial", 60, False, 59 * TOKENS + 3),
+             ("partial-layers", 40, True, 40 * TOKENS - 1), ("partial-one", 1, False, 1)]
+SENTINEL = 7.0  # what a receiver's blocks hold before the transfer
 
 
-async def run_paths(comm, sender_path: int, receiver_path: int, tag: str) -> None:
+def split_slots(blocks: torch.Tensor, tokens: int, order: str,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[count, *block_shape]`` as (the valid token slots, the last block's slots past
+    ``tokens``), both flat."""
+    valid = tokens - (blocks.shape[0] - 1) * TOKENS
+    last = blocks[-1]
+    cut, rest = ((last[:, :valid], last[:, valid:]) if order == "HND"
+                 else (last[:valid], last[valid:]))
+    return (torch.cat([blocks[:-1].reshape(-1), cut.reshape(-1)]), rest.reshape(-1))
+
+
+async def run_paths(comm, sender_path: int, receiver_path: int, tag: str, *,
+                    order: str = "NHD") -> None:
     rank = comm.Get_rank()
-    pool = make_pool()
+    pool = make_pool(order)
     transport = MPITransport(comm)
     path = sender_path if rank == 0 else receiver_path
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     # Both ranks use the same shuffled table: ids scattered over the whole pool.
-    order = [int(b) for b in rng.permutation(NUM_BLOCKS)]
+    shuffled = [int(b) for b in rng.permutation(NUM_BLOCKS)]
     tables, start = {}, 0
-    for rid, count, _ in TRANSFERS:
-        ids = order[start:start + count]
+    for rid, count, _, _ in TRANSFERS:
+        ids = shuffled[start:start + count]
         ids[: count // 4] = sorted(ids[: count // 4])
         tables[rid], start = ids, start + count
     # Hold the tables' blocks as the host's allocation; the other blocks stay free, poisoned.
@@ -89,28 +114,40 @@ async def run_paths(comm, sender_path: int, receiver_path: int, tag: str) -> Non
     with anyio.fail_after(60):
         async with TransferEngine(pool, transport, config=config(path)) as engine:
             handles = []
-            for rid, count, layerwise in TRANSFERS:
+            for rid, count, layerwise, tokens in TRANSFERS:
                 ids = tables[rid]
                 if rank == 0:
                     for layer, data in zip(pool.layers, pattern(pool, rid, count), strict=True):
                         layer[ids] = data
-                    handle = engine.send(f"{tag}-{rid}", ids, 1, layerwise=layerwise)
+                    handle = engine.send(f"{tag}-{rid}", ids, 1, layerwise=layerwise,
+                                         num_tokens=tokens)
                     if layerwise:
                         for layer in range(pool.num_layers):
                             handle.layer_ready(layer)
                 else:
-                    handle = engine.receive(f"{tag}-{rid}", ids, 0, layerwise=layerwise)
+                    for layer in pool.layers:
+                        layer[ids] = SENTINEL
+                    handle = engine.receive(f"{tag}-{rid}", ids, 0, layerwise=layerwise,
+                                            num_tokens=tokens)
                 handles.append(handle)
-            for handle in handles:
-                await handle.wait()
+            moved = 0
+            for handle, (_, count, _, tokens) in zip(handles, TRANSFERS, strict=True):
+                result = await handle.wait()
+                assert result.num_tokens == (tokens or count * TOKENS), result
+                moved += result.nbytes
             if rank == 1:
-                for rid, count, _ in TRANSFERS:
+                for rid, count, _, tokens in TRANSFERS:
                     expected = pattern(pool, rid, count)
                     for layer, data in zip(pool.layers, expected, strict=True):
-                        assert torch.equal(layer[tables[rid]], data), f"{tag}: {rid} differs"
+                        got = layer[tables[rid]]
+                        want, _ = split_slots(data, tokens or count * TOKENS, order)
+                        kept, past = split_slots(got, tokens or count * TOKENS, order)
+                        assert torch.equal(kept, want), f"{tag}: {rid} differs"
+                        assert bool((past == SENTINEL).all()), f"{tag}: {rid} wrote past"
                 pool.assert_poisoned()  # nothing written outside the tables
             stats = engine.stats()
             assert stats.completed == len(TRANSFERS), stats
+            assert moved == (stats.bytes_sent if rank == 0 else stats.bytes_received), stats
             assert (stats.staging_allocations == 0) == (path == REGIONS), (tag, stats)
             report = await engine.drain(5.0)
             assert report.clean, report
@@ -235,10 +272,11 @@ async def run_faults(comm) -> None:
 def main(comm) -> None:
     assert comm.Get_size() == 2, "run with 2 ranks"
     for mode in sys.argv[1].split(","):
-        if mode == "paths":
+        if mode in ("paths", "paths-hnd"):
             for s, r in ((REGIONS, REGIONS), (REGIONS, STAGED), (STAGED, REGIONS),
                          (STAGED, STAGED)):
-                anyio.run(run_paths, comm, s, r, f"s{int(s > 0)}r{int(r > 0)}")
+                anyio.run(partial(run_paths, comm, s, r, f"s{int(s > 0)}r{int(r > 0)}",
+                                  order="HND" if mode == "paths-hnd" else "NHD"))
         elif mode == "faults":
             anyio.run(run_faults, comm)
         else:

@@ -5,9 +5,12 @@ outlives its deadline).
 
 ``transfers``: whole and layer-wise transfers (one WRITE per chunk), ids scattered over the pool,
 byte-verified on the receiver; the region path (no staging buffer) on both sides; every free
-block still poisoned. ``cancel_advertised``: the receiver cancels while its advertisement is
-out and the sender has not sent: the cancel is requested (not safe to free), the blocks stay
-pinned until the sender's transport confirms it never wrote, then come back poisoned.
+block still poisoned; token counts that leave the last block partly empty write only its
+valid slots (the receiver's slots past the count keep their bytes).
+
+``cancel_advertised``: the receiver cancels while its advertisement is out and the sender
+has not sent: the cancel is requested (not safe to free), the blocks stay pinned until the
+sender's transport confirms it never wrote, then come back poisoned.
 ``cancel_in_flight``: the sender cancels with its WRITE in flight (``UCX_TLS=tcp``, the target
 stopped): not safe to free, its blocks stay pinned until the WRITE is final. ``deadline``:
 the same stuck WRITE passes its transfer deadline: the sender's session is quarantined (health
@@ -99,9 +102,14 @@ async def goodbye(engine: TransferEngine, folder: str, rank: int) -> None:
     assert report.clean, report
 
 
-# (request id, block count, layer-wise): 70 blocks = 8.75 MiB, layer-wise 100
-# blocks = 6.25 MiB per layer, one block.
-TRANSFERS = [("big", 70, False), ("layers", 100, True), ("one", 1, False)]
+# (request id, block count, layer-wise, tokens): 70 blocks = 8.75 MiB, layer-wise 100
+# blocks = 6.25 MiB per layer, one block; then counts that leave the last block partly
+# empty (None: every slot).
+TOKENS = LAYOUT[1]
+TRANSFERS = [("big", 70, False, None), ("layers", 100, True, None), ("one", 1, False, None),
+             ("partial", 50, False, 49 * TOKENS + 5), ("partial-layers", 30, True, 30 * TOKENS - 2),
+             ("partial-one", 1, False, 3)]
+SENTINEL = 7.0  # what a receiver's blocks hold before the transfer
 
 
 async def transfers(rank: int, folder: str) -> None:
@@ -109,7 +117,7 @@ async def transfers(rank: int, folder: str) -> None:
     transport = connect(rank, folder)
     order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(7)).tolist()
     tables, start = {}, 0
-    for rid, count, _ in TRANSFERS:
+    for rid, count, _, _ in TRANSFERS:
         ids = order[start:start + count]
         ids[: count // 3] = sorted(ids[: count // 3])  # some runs of consecutive ids
         tables[rid], start = ids, start + count
@@ -119,29 +127,37 @@ async def transfers(rank: int, folder: str) -> None:
     async with TransferEngine(pool, transport, config=config()) as engine:
         assert transport.registered_bytes >= sum(t.nbytes for t in pool.layers)
         handles = []
-        for rid, count, layerwise in TRANSFERS:
+        for rid, count, layerwise, tokens in TRANSFERS:
             ids = tables[rid]
             if rank == 0:
                 for layer, data in zip(pool.layers, pattern(pool, rid, count), strict=True):
                     layer[ids] = data
-                handle = engine.send(rid, ids, 1, layerwise=layerwise)
+                handle = engine.send(rid, ids, 1, layerwise=layerwise, num_tokens=tokens)
                 if layerwise:
                     for layer in reversed(range(pool.num_layers)):
                         handle.layer_ready(layer)
             else:
-                handle = engine.receive(rid, ids, 0, layerwise=layerwise)
+                for layer in pool.layers:
+                    layer[ids] = SENTINEL
+                handle = engine.receive(rid, ids, 0, layerwise=layerwise, num_tokens=tokens)
             handles.append(handle)
+        moved = 0
         with anyio.fail_after(LIMIT_S):
             for handle in handles:
-                await handle.wait()
+                moved += (await handle.wait()).nbytes
         if rank == 1:
-            for rid, count, _ in TRANSFERS:
+            for rid, count, _, tokens in TRANSFERS:
+                valid = (tokens or count * TOKENS) - (count - 1) * TOKENS  # NHD: a prefix
                 for layer, data in zip(pool.layers, pattern(pool, rid, count), strict=True):
-                    assert torch.equal(layer[tables[rid]], data), f"{rid} differs"
+                    got = layer[tables[rid]]
+                    assert torch.equal(got[:-1], data[:-1]), f"{rid} differs"
+                    assert torch.equal(got[-1, :valid], data[-1, :valid]), f"{rid} differs"
+                    assert bool((got[-1, valid:] == SENTINEL).all()), f"{rid} wrote past"
             pool.assert_poisoned()  # nothing written outside the tables
         stats = engine.stats()
         assert stats.completed == len(TRANSFERS), stats
         assert stats.staging_allocations == 0, stats  # the region path on both sides
+        assert moved == (stats.bytes_sent if rank == 0 else stats.bytes_received), stats
         await goodbye(engine, folder, rank)
     pool.free(sorted(used), owner="host")
     pool.check()

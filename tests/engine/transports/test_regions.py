@@ -9,12 +9,14 @@ import pytest
 import torch
 from kvhandoff import cuda_ext
 from kvhandoff.engine.transports import (
+    BlockTail,
     InvalidBufferError,
     LoopbackTransport,
     Regions,
     RegionsUnsupportedError,
     Transport,
     block_regions,
+    buffer_regions,
     loopback_group,
 )
 
@@ -108,3 +110,75 @@ def test_tensors_of_different_block_sizes_keep_the_packed_order() -> None:
     assert regions.nbytes == 3 * 6 * 4 + 3 * 10 * 4
     expected = torch.cat([small[[4, 5, 1]].reshape(-1), large[[4, 5, 1]].reshape(-1)])
     assert _read(regions) == expected.numpy().tobytes()
+
+
+# --- a partial last block: the tail ---------------------------------------------------------
+
+def _expected_stream(layers: list[torch.Tensor], ids: list[int], cut: slice | tuple[slice, ...],
+                     ) -> bytes:
+    """Each tensor's blocks before the last, then ``last[cut]``: the packed stream with a
+    partial last block, built from torch indexing."""
+    parts = []
+    for layer in layers:
+        parts.append(layer[ids[:-1]].reshape(-1).view(torch.uint8))
+        parts.append(layer[ids[-1]][cut].contiguous().reshape(-1).view(torch.uint8))
+    return torch.cat(parts).numpy().tobytes()
+
+
+@pytest.mark.parametrize("ids", [[2, 3, 4, 5], [5, 2, 7, 8, 9, 0], [9], [3, 1]])
+@pytest.mark.parametrize("valid", [1, 3])
+def test_a_prefix_tail_cuts_each_tensors_last_block(ids: list[int], valid: int) -> None:
+    """NHD-like blocks [4 tokens, 2, 3]: the tail is the first ``valid`` token rows; a run of
+    consecutive ids keeps one region per tensor, its last one shorter."""
+    layers = _layers()
+    row = 2 * 3 * 2  # one token row of float16
+    regions = block_regions(layers, ids, BlockTail(1, valid * row))
+    assert _read(regions) == _expected_stream(layers, ids, slice(0, valid))
+    assert regions.nbytes == len(layers) * ((len(ids) - 1) * 4 * row + valid * row)
+    assert len(regions) == len(block_regions(layers, ids))
+
+
+@pytest.mark.parametrize("ids", [[2, 3, 4], [7, 0, 5], [6]])
+def test_a_tail_of_several_ranges_takes_each_heads_slots(ids: list[int]) -> None:
+    """HND-like blocks [2 heads, 4 tokens, 3]: the tail is 2 ranges, the first ``valid``
+    tokens of each head, one extra region per tensor."""
+    layers = [torch.randn(10, 2, 4, 3).to(torch.float16) for _ in range(3)]
+    row = 3 * 2
+    regions = block_regions(layers, ids, BlockTail(2, 3 * row, stride=4 * row))
+    assert _read(regions) == _expected_stream(layers, ids, (slice(None), slice(0, 3)))
+    assert len(regions) == len(block_regions(layers, ids)) + len(layers)
+
+
+def test_a_tail_on_interleaved_and_mixed_blocks_keeps_the_packed_order() -> None:
+    both = torch.arange(10 * 2 * 6, dtype=torch.float32).reshape(10, 2, 6)
+    keys, values = both[:, 0], both[:, 1]
+    regions = block_regions([keys, values], [1, 2, 3], BlockTail(1, 8))
+    expected = torch.cat([keys[1:3].reshape(-1), keys[3, :2], values[1:3].reshape(-1),
+                          values[3, :2]])
+    assert _read(regions) == expected.numpy().tobytes()
+    small = torch.arange(10 * 6, dtype=torch.float32).reshape(10, 6)
+    large = torch.arange(10 * 10, dtype=torch.float32).reshape(10, 10) + 1000
+    regions = block_regions([small, large], [4, 1], BlockTail(2, 4, stride=8))
+    expected = torch.cat([small[4], small[1, [0, 2]], large[4], large[1, [0, 2]]])
+    assert regions.nbytes == expected.numel() * 4
+    assert _read(regions) == expected.numpy().tobytes()
+
+
+@pytest.mark.parametrize("tail", [BlockTail(0, 4), BlockTail(1, 0), BlockTail(1, 49),
+                                  BlockTail(2, 8, stride=4), BlockTail(3, 8, stride=24),
+                                  BlockTail(True, 4), "prefix"],
+                         ids=["no-ranges", "empty", "too-long", "overlapping", "past-the-end",
+                              "bool", "not-a-tail"])
+def test_a_tail_that_does_not_fit_a_block_is_refused(tail: object) -> None:
+    layers = _layers()  # blocks of 4 x 2 x 3 float16: 48 bytes
+    with pytest.raises(InvalidBufferError):
+        block_regions(layers, [0, 1], tail)  # type: ignore[arg-type]
+
+
+def test_buffer_regions_is_one_region_over_the_buffer() -> None:
+    buf = torch.arange(24, dtype=torch.float32)
+    regions = buffer_regions(buf)
+    assert (len(regions), regions.nbytes) == (1, 96)
+    assert _read(regions) == buf.numpy().tobytes()
+    with pytest.raises(InvalidBufferError):
+        buffer_regions(buf[::2])

@@ -62,10 +62,12 @@ def test_transport_mpi_cma_moves_blocks_and_keeps_them_until_acked(run_mpi: RunM
 
 
 def test_engine_zero_copy_over_mpi_datatypes(run_mpi: RunMPI) -> None:
-    """The engine's region path over MPI datatypes (CMA off): its pairings and faults."""
-    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths,faults", timeout=240, env=CMA_OFF)
+    """The engine's region path over MPI datatypes (CMA off): its pairings (NHD and HND
+    pools, partial last blocks among them) and faults."""
+    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths,paths-hnd,faults", timeout=240,
+                     env=CMA_OFF)
     for rank in range(2):
-        for mode in ("paths", "faults"):
+        for mode in ("paths", "paths-hnd", "faults"):
             assert f"rank {rank} zero-copy {mode} OK" in result.stdout, result.stdout
 
 

@@ -236,7 +236,10 @@ class DataPath:
                                   f"a layer index in 0..{self._num_layers - 1}")
         if layer in transfer.layers_ready:
             raise LayerReadyError(transfer.request_id, layer, "a layer not marked ready yet")
-        transfer.layers_ready.add(layer)
+        if transfer.layers_ready:
+            transfer.layers_ready.add(layer)
+        else:  # the first: the default is a shared empty tuple (``_transfer._UNSET``)
+            transfer.layers_ready = {layer}
         if transfer.state in OPEN_STATES and transfer.posted < transfer.expected:
             self._post_chunk(transfer, layer, now)
             return True

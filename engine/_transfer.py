@@ -24,7 +24,7 @@ the window, not the transfer. A windowed side posts in operation order (see ``_d
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -52,6 +52,14 @@ class WindDown(enum.Enum):
     __hash__ = object.__hash__  # members are singletons: identity hashing agrees with ==
 
 
+#: The default of the containers a transfer needs only on some paths (set when it starts:
+#: ``DataPath._plan``, or a layer-wise send's first ``layer_ready``): one shared empty
+#: tuple, not a new list or set per transfer. Most transfers never need most of them, and
+#: every container that lives as long as a transfer is one more object for the cyclic
+#: collector to walk; a path that wrongly mutated the default fails loudly (a tuple).
+_UNSET: Any = ()
+
+
 @attrs.define(eq=False, slots=True)
 class Transfer:
     """One request's data path. ``ops`` are the posted data operations (one, or one per
@@ -68,12 +76,12 @@ class Transfer:
     handle: TransferHandle | None = None
     staging: torch.Tensor | None = None
     data_tag: int = 0
-    ops: list[TransportHandle | None] = attrs.field(factory=list)
+    ops: list[TransportHandle | None] = _UNSET
     posted: int = 0
     expected: int = 0
     ops_pending: int = 0
     op_error: str | None = None
-    layers_ready: set[int] = attrs.field(factory=set)
+    layers_ready: set[int] = _UNSET
     wind_down: WindDown = WindDown.NONE
     #: Whether the peer already knows the outcome (it told us, or we told it).
     peer_told: bool = False
@@ -94,17 +102,17 @@ class Transfer:
     window: int = 0
     slot_nbytes: int = 0
     slots: dict[int, int] = attrs.field(factory=dict)
-    free_slots: list[int] = attrs.field(factory=list)
+    free_slots: list[int] = _UNSET
     #: Each posted operation's index, by ``id(op)`` (a completion finds its piece in O(1)).
     op_index: dict[int, int] = attrs.field(factory=dict)
     #: A staged receiver's final operations not consumed yet (index -> landed), and how many
     #: pieces of each chunk were consumed: pieces are checksummed and scattered in order.
     arrived: dict[int, bool] = attrs.field(factory=dict)
-    consumed: list[int] = attrs.field(factory=list)
+    consumed: list[int] = _UNSET
     #: The first scatter that failed (reported when the transfer is final here).
     scatter_error: str | None = None
     #: A staged side's CRC-32 of each chunk so far, fed piece by piece in order.
-    crcs: list[int] = attrs.field(factory=list)
+    crcs: list[int] = _UNSET
     #: The receiver asked for the checksum of the moved bytes (``EngineConfig.checksum``);
     #: the sender's (from ACCEPT) and, on the receiver, what landed, once known.
     want_checksum: bool = False

@@ -1,6 +1,7 @@
 """TransferEngine over the loopback transport against the raw work it wraps, side by side.
 
-    python benchmarks/bench_engine.py [--batch 256] [--rounds 21] [--profile [--sort cumulative]]
+    python benchmarks/bench_engine.py [--batch 256] [--rounds 21]
+    python benchmarks/bench_engine.py --profile [--batched] [--sort cumulative]
     python benchmarks/bench_engine.py --against REV [--repeats 7]
 
 Two in-process engines (ranks 0 and 1 of one ``loopback_group``) are driven by direct
@@ -250,6 +251,30 @@ def agreement_cost(ranks: int = 4, sizes: tuple[int, int] = (16, 4096),
     return out
 
 
+def print_by_module(stats: pstats.Stats, pairs: int) -> None:
+    """The profile's own time (``tottime``) per module of ours, in microseconds per
+    send+receive pair (cProfile's overhead inflates every figure alike; the shares are what
+    to read), then the rest (torch, builtins) together."""
+    per_module: dict[str, float] = {}
+    total = 0.0
+    for (path, _, _), row in stats.stats.items():  # type: ignore[attr-defined]
+        tottime = row[2]
+        total += tottime
+        parts = Path(path).parts
+        key = "other (torch, builtins, attrs' generated code)"
+        for package in ("sessions", "collectives", "cuda_ext", "engine"):
+            if package in parts:
+                key = "/".join(parts[parts.index(package):])
+                break
+        per_module[key] = per_module.get(key, 0.0) + tottime
+    print(f"\nown time per module, us per send+receive pair ({pairs} pairs, under cProfile)")
+    print("| module | us/pair | share |")
+    print("| --- | ---: | ---: |")
+    for key, seconds in sorted(per_module.items(), key=lambda kv: -kv[1]):
+        if seconds / total >= 0.005:
+            print(f"| {key} | {seconds / pairs * 1e6:.1f} | {seconds / total:.1%} |")
+
+
 def timed(run: Callable[[], None]) -> float:
     start = time.perf_counter()
     run()
@@ -260,12 +285,15 @@ async def bench(args: Any) -> None:
     if args.profile:
         pair = Pair(args.batch)
         pair.round()
+        pair.round_batched()
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.rounds):
-            pair.round()
+            pair.round_batched() if args.batched else pair.round()
         profiler.disable()
-        pstats.Stats(profiler).sort_stats(args.sort).print_stats(40)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats(args.sort).print_stats(40)
+        print_by_module(stats, args.batch * args.rounds)
         return
     rows = [(frozen, *sessions_per_second(args.batch, args.rounds, gc_freeze=frozen))
             for frozen in (False, True)]
@@ -348,6 +376,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the engine rounds instead of benchmarking")
     parser.add_argument("--sort", default="tottime", help="pstats sort key for --profile")
+    parser.add_argument("--batched", action="store_true",
+                        help="--profile the rounds of send_many/receive_many instead")
     parser.add_argument("--against", metavar="REV",
                         help="compare sessions/s with git revision REV instead")
     parser.add_argument("--repeats", type=int, default=7, help="processes per side (--against)")

@@ -219,10 +219,10 @@ class ControlPlane:
     # --- receiving -------------------------------------------------------------------------
 
     def on_message(self, source: int, payload: bytes, now: float) -> None:
-        """One arrived control payload: a frame of messages, each handled in order. A
-        malformed message is rejected and ends its frame (the ones before it stand)."""
+        """One arrived control payload: a frame of messages, each handled in order. Each
+        malformed message is rejected (a malformed header ends its frame: see ``_wire``)."""
         self._engine._leases.heard(source, now)  # any message renews the peer's lease
-        messages, error = wire.decode_frame(payload)
+        messages, errors = wire.decode_frame(payload)
         for message in messages:
             kind = type(message)
             if kind is wire.Advertise:
@@ -233,7 +233,7 @@ class ControlPlane:
                 self._on_accept(source, message, now)  # type: ignore[arg-type]
             elif kind is wire.Fail or kind is wire.Cancel:
                 self._on_peer_failure(source, message, now)  # type: ignore[arg-type]
-        if error is not None:
+        for error in errors:
             self.reject(source, "decode", f"{type(error).__name__}: {error}")
 
     def on_advertise(self, source: int, advertise: wire.Advertise, now: float) -> None:

@@ -52,7 +52,7 @@ from kvhandoff.engine._handle import (
 from kvhandoff.engine._health import EngineHealth
 from kvhandoff.engine._leases import Leases
 from kvhandoff.engine._transfer import Transfer, WindDown
-from kvhandoff.engine.errors import EngineClosedError, EngineConfigError
+from kvhandoff.engine.errors import EngineClosedError, EngineConfigError, PinError
 from kvhandoff.engine.pool import BlockPool
 from kvhandoff.engine.transports import HandleKind, Transport
 from kvhandoff.sessions import (
@@ -293,13 +293,15 @@ class TransferEngine:
         transfers = self._admit_many(batch, Role.SENDER, checked=True)
         handles = _handles(transfers)
         now = self._clock()
-        for transfer, handle in zip(transfers, handles, strict=True):
-            if handle.done:
-                continue  # failed at admission (the TP group failed it first)
-            early = self._control.take_early(transfer.request_id, transfer.peer)
-            if early is not None:
-                self._control.on_advertise(transfer.peer, early, now)
-        self._end_call()
+        try:
+            for transfer, handle in zip(transfers, handles, strict=True):
+                # Taken even when admission failed it (the TP group failed it first), as
+                # ``send()`` does: a kept advertise would answer a later send of the id.
+                early = self._control.take_early(transfer.request_id, transfer.peer)
+                if early is not None and not handle.done:
+                    self._control.on_advertise(transfer.peer, early, now)
+        finally:
+            self._end_call()
         return handles
 
     def receive_many(self, requests: Iterable[TransferRequest]) -> list[TransferHandle]:
@@ -316,16 +318,18 @@ class TransferEngine:
             for request in batch:
                 count = self._num_layers if request.layerwise else 1
                 tags.append((datapath.reserve_tags(request.request_id, count), count))
-            transfers = self._admit_many(batch, Role.RECEIVER, checked=True,
-                                         data_tags=[first for first, _ in tags])
         except BaseException:
             for first, count in tags:
                 datapath.free_tags(first, count)
             raise
+        transfers = self._admit_many(batch, Role.RECEIVER, checked=True,
+                                     data_tags=[first for first, _ in tags])
         handles = _handles(transfers)
-        for transfer in transfers:
-            self._start_receive(transfer)
-        self._end_call()
+        try:
+            for transfer in transfers:
+                self._start_receive(transfer)
+        finally:
+            self._end_call()
         return handles
 
     def _start_receive(self, transfer: Transfer) -> None:
@@ -467,6 +471,16 @@ class TransferEngine:
     # --- admission ------------------------------------------------------------------------
 
     def _check_admissible(self, request_id: str, peer: int) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise EngineConfigError("request_id", request_id, "a non-empty str")
+        try:
+            size = len(request_id.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise EngineConfigError("request_id", request_id, "valid UTF-8 text") from None
+        if size > wire.MAX_REQUEST_ID_BYTES:
+            raise EngineConfigError("request_id", f"{size} bytes of UTF-8",
+                                    f"at most {wire.MAX_REQUEST_ID_BYTES} bytes (the control "
+                                    "messages carry it)")
         if not self._accepting:
             raise EngineClosedError(request_id, "the engine is draining")
         if request_id in self._transfers:
@@ -499,17 +513,38 @@ class TransferEngine:
         admissions = [self._validate(r.request_id, r.block_ids, r.peer, r.layerwise,
                                      r.num_tokens, r.metadata, checked=checked)
                       for r in requests]
-        self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
+        try:
+            self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
+        except BaseException:
+            self._free_tags_of(admissions, data_tags, 0)
+            raise
         transfers: list[Transfer] = []
         try:
             for index, admission in enumerate(admissions):
                 transfers.append(self._enter(admission, role,
                                              data_tags[index] if data_tags else 0))
         except BaseException:
-            self.pool.unpin_many([(a.block_ids, a.request_id)
-                                  for a in admissions[len(transfers):]])
+            # Every check passed, so only the unforeseen (MemoryError, an interrupt) gets
+            # here. The rest are not admitted: their pins and tags go back. Those admitted
+            # already are cancelled (nothing of theirs is posted or advertised) and released
+            # the normal way, their pins and tags with them: the host got no handle for any.
+            rest = admissions[len(transfers):]
+            self.pool.unpin_many([(a.block_ids, a.request_id) for a in rest])
+            self._free_tags_of(admissions, data_tags, len(transfers))
+            now = self._clock()
+            for transfer in transfers:
+                if transfer.session.allows(Event.CANCEL):
+                    self._apply(transfer, Event.CANCEL, now)
+            self._end_call()
             raise
         return transfers
+
+    def _free_tags_of(self, admissions: Sequence[_Admission], data_tags: Sequence[int],
+                      start: int) -> None:
+        """Give back the data tags reserved for ``admissions[start:]`` (receives only)."""
+        for index in range(start, len(data_tags)):
+            count = self._num_layers if admissions[index].layerwise else 1
+            self._datapath.free_tags(data_tags[index], count)
 
     def _batch(self, requests: Iterable[TransferRequest], role: Role) -> list[TransferRequest]:
         """A batched call's requests, checked as a whole: each a ``TransferRequest``, no
@@ -592,15 +627,30 @@ class TransferEngine:
         """The end of a public call: the TP group of one decides what the call reported,
         and the call's control messages leave now, one frame per peer (a single call's
         advertise goes out at once, as it always did; the tick sends its own at its end)."""
-        self._group.settle_local()
-        if self._unpins:
-            self._unpin_released()
-        if self._control.has_outgoing:
-            self._control.flush()
+        try:
+            self._group.settle_local()
+        finally:
+            if self._unpins:
+                self._unpin_released()
+            if self._control.has_outgoing:
+                self._control.flush()
 
     def _unpin_released(self) -> None:
+        """Remove the pins of the transfers released since the last call, together. Should
+        one be refused (a bug), every other pin still goes, one by one, and the first
+        refusal is raised after."""
         unpins, self._unpins = self._unpins, []
-        self.pool.unpin_many(unpins)
+        try:
+            self.pool.unpin_many(unpins)
+        except PinError:
+            first: PinError | None = None
+            for block_ids, owner in unpins:
+                try:
+                    self.pool.unpin(block_ids, owner=owner)
+                except PinError as exc:
+                    first = first or exc
+            if first is not None:
+                raise first from None
 
     def _layer_ready(self, transfer: Transfer, layer: int) -> None:
         if self._datapath.layer_ready(transfer, layer, self._clock()):
@@ -693,7 +743,17 @@ class TransferEngine:
 
     def _tick(self) -> bool:
         """One pass of the loop; True when it did something (the loop then yields instead
-        of sleeping). Never blocks."""
+        of sleeping). Never blocks. Whatever happens in it, the pins of the transfers it
+        released go and the messages it queued leave before it returns."""
+        try:
+            return self._tick_body()
+        finally:
+            if self._unpins:
+                self._unpin_released()
+            if self._control.has_outgoing:  # the tick's messages, one frame per peer
+                self._control.flush()
+
+    def _tick_body(self) -> bool:
         now = self._clock()
         self._ticks += 1
         self._log_on = logging_enabled()
@@ -720,6 +780,8 @@ class TransferEngine:
             self._group.expire_unsettled(now)
         busy = self._group.round(now, idle=self._draining and not self._transfers) or busy
         self._group.settle_local()
+        if self._unpins:  # before the health update, whose restart callback is the host's
+            self._unpin_released()
         self._health.update(now, in_flight=self._table.in_flight,
                             quarantined=self._table.quarantined,
                             completions=datapath.progress_completions,
@@ -730,10 +792,6 @@ class TransferEngine:
         if self._leases.heartbeat_due(now):
             for peer, sequence, count in self._leases.heartbeats(now, control.early_sources):
                 control.heartbeat(peer, sequence, count)
-        if self._unpins:
-            self._unpin_released()
-        if control.has_outgoing:  # the tick's messages, one frame per peer
-            control.flush()
         return busy
 
     def _check_leases(self, now: float) -> None:

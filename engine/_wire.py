@@ -22,8 +22,9 @@ be built or sent either.
 ``MAX_CONTROL_BYTES``) is a *frame*: one or more messages back to back, each with its own
 header, so an engine sends everything due to one peer in one tick as one payload
 (``encode`` each message, concatenate, ``decode_frame`` on the other side). The headers
-delimit the messages; a malformed message ends the frame there (the messages before it
-stand, the bytes after it cannot be delimited and are dropped with it).
+delimit the messages: a message whose body is malformed is dropped alone (its header still
+says where the next one starts); a malformed header ends the frame there (the messages
+before it stand, the bytes after it cannot be delimited and are dropped with it).
 
 Bumping ``WIRE_VERSION`` is required for any change of layout; a receiver rejects versions
 it does not speak with ``UnsupportedVersionError`` rather than guessing. Version 2 added the
@@ -446,10 +447,11 @@ def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
         raise ProtocolError(f"expected bytes, got {type(data).__name__}") from None
 
 
-def _decode_at(view: memoryview, offset: int, *,
-               exact: bool = False) -> tuple[ControlMessage, int]:
-    """The message that starts at ``offset`` of ``view`` and the offset just past it
-    (``exact``: it must end where ``view`` does)."""
+def _header_at(view: memoryview, offset: int, *,
+               exact: bool = False) -> tuple[MessageKind, int, bytes]:
+    """The kind and body length of the message that starts at ``offset`` (its body is
+    complete in ``view``; ``exact``: and ends where ``view`` does), and its first bytes for
+    errors."""
     whole = bytes(view[offset:offset + 64])
     available = len(view) - offset - HEADER_SIZE
     if available < 0:
@@ -467,10 +469,14 @@ def _decode_at(view: memoryview, offset: int, *,
         raise TruncatedMessageError(HEADER_SIZE + body_len, HEADER_SIZE + available, whole)
     if exact and available > body_len:
         raise TrailingBytesError(available - body_len, whole)
-    start = offset + HEADER_SIZE
+    return kind, body_len, whole
+
+
+def _body_at(kind: MessageKind, view: memoryview, start: int, body_len: int,
+             whole: bytes) -> ControlMessage:
     reader = _Reader(view[start:start + body_len], whole)
     try:
-        return _decode_body(kind, reader, whole), start + body_len
+        return _decode_body(kind, reader, whole)
     except ProtocolError as exc:
         if not exc.data:
             exc.data = whole  # errors raised by message constructors lack the input
@@ -480,27 +486,40 @@ def _decode_at(view: memoryview, offset: int, *,
 def decode(data: bytes | bytearray | memoryview) -> ControlMessage:
     """Parse one control message. Raises a ``ProtocolError`` subclass, and no other
     exception, for any input that is not exactly one valid message."""
-    return _decode_at(_as_view(data), 0, exact=True)[0]
+    view = _as_view(data)
+    kind, body_len, whole = _header_at(view, 0, exact=True)
+    return _body_at(kind, view, HEADER_SIZE, body_len, whole)
 
 
 def decode_frame(
     data: bytes | bytearray | memoryview,
-) -> tuple[list[ControlMessage], ProtocolError | None]:
-    """Parse a frame (one or more messages back to back): the messages in order, and the
-    ``ProtocolError`` of the first malformed one (None when every byte parsed). Parsing
-    stops there: the messages before it are returned, nothing after it is. Raises nothing
-    for any input; an empty frame is a ``TruncatedMessageError``."""
+) -> tuple[list[ControlMessage], list[ProtocolError]]:
+    """Parse a frame (one or more messages back to back): the valid messages in order, and
+    a ``ProtocolError`` per malformed one. A message whose header is sound but whose body is
+    not is skipped (its header delimits it); a malformed header ends the frame, since what
+    follows it cannot be delimited. Raises nothing for any input; an empty frame is one
+    ``TruncatedMessageError``."""
     messages: list[ControlMessage] = []
+    errors: list[ProtocolError] = []
     try:
         view = _as_view(data)
-        offset, size = 0, len(view)
-        while True:
-            message, offset = _decode_at(view, offset)
-            messages.append(message)
-            if offset >= size:
-                return messages, None
     except ProtocolError as exc:
-        return messages, exc
+        return messages, [exc]
+    offset, size = 0, len(view)
+    while True:
+        try:
+            kind, body_len, whole = _header_at(view, offset)
+        except ProtocolError as exc:
+            errors.append(exc)
+            return messages, errors
+        start = offset + HEADER_SIZE
+        try:
+            messages.append(_body_at(kind, view, start, body_len, whole))
+        except ProtocolError as exc:
+            errors.append(exc)
+        offset = start + body_len
+        if offset >= size:
+            return messages, errors
 
 
 def layout_fingerprint(

@@ -35,6 +35,7 @@ from kvhandoff.engine import _wire as wire
 from kvhandoff.engine.errors import UnknownBlockError
 from kvhandoff.engine.transports import MAX_CONTROL_BYTES, loopback_group
 from kvhandoff.sessions import DuplicateSessionError, State
+from test_engine_tp import tp_world
 
 pytestmark = pytest.mark.anyio
 
@@ -151,8 +152,8 @@ async def test_a_batch_to_one_peer_leaves_as_frames_that_fit_in_order() -> None:
         assert all(len(payload) <= MAX_CONTROL_BYTES for payload in payloads)
         got = []
         for payload in payloads:
-            messages, error = wire.decode_frame(payload)
-            assert error is None, error
+            messages, errors = wire.decode_frame(payload)
+            assert not errors, errors
             got += [m.request_id for m in messages if isinstance(m, wire.Advertise)]
         assert got == rids
         for rid in rids:
@@ -185,3 +186,74 @@ async def test_a_malformed_message_inside_a_frame_ends_it_and_touches_nothing() 
         await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
         p0.free(src, owner="r")
         p1.free(dst, owner="r")
+
+
+async def test_a_batched_send_failed_at_admission_still_takes_its_early_advertise() -> None:
+    """The TP group failed "x" before the host's ``send_many``: the receiver's advertise
+    parked on rank 0 is taken (as ``send()`` takes it), so no stale advertise answers a
+    later send of the id."""
+    _, pools, engines = tp_world(agreement_timeout_s=0.5, queue_timeout_s=5.0,
+                                 transfer_timeout_s=0.3)
+    async with running(*engines) as es:
+        es[2].receive("x", pools[2].alloc(1, owner="x"), 0)
+        await until(lambda: es[0].stats().early_advertises == 1)
+        es[1].send("x", pools[1].alloc(1, owner="x"), 3)
+        es[1].cancel("x")  # the prefill group fails "x"
+        await until(lambda: es[0]._agreement.known("x"))
+        (handle,) = es[0].send_many([TransferRequest("x", pools[0].alloc(1, owner="x"), 2)])
+        assert handle.done  # failed at admission
+        assert es[0].stats().early_advertises == 0
+
+
+async def test_request_ids_the_wire_cannot_carry_are_refused_before_anything_changes() -> None:
+    async with engine_pair() as pair:
+        e0, e1, p1 = pair.e0, pair.e1, pair.p1
+        blocks = p1.alloc(3, owner="x")
+        for bad in ("r" * (wire.MAX_REQUEST_ID_BYTES + 1), "\ud800", ""):
+            batch = [TransferRequest("a", blocks[:1], 0), TransferRequest(bad, blocks[1:2], 0)]
+            with pytest.raises(EngineConfigError):
+                e1.receive_many(batch)
+            with pytest.raises(EngineConfigError):
+                e1.receive(bad, blocks[2:], 0)
+            with pytest.raises(EngineConfigError):
+                e0.send(bad, (0,), 1)
+            assert e1.stats().sessions == 0 and p1.num_pinned == 0
+        await ticks(e0, e1)
+        assert e0.stats().early_advertises == 0  # nothing was advertised
+        p1.free(blocks, owner="x")
+
+
+async def test_an_unforeseen_error_mid_batch_leaks_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after every check passed (here injected into the second admission to the
+    session table): the requests not admitted give back their pins and tags, the one
+    admitted is cancelled and released with its own, and every tag is free again."""
+    t0, t1 = loopback_group(2)
+    t1.max_tag = 3  # exactly the batch's tags: a leaked one would make the retry fail
+    p1 = make_pool()
+    engine = TransferEngine(p1, t1, config=fast_config(transfer_timeout_s=0.2))
+    async with running(engine):
+        blocks = [p1.alloc(1, owner=f"o{i}") for i in range(3)]
+        batch = [TransferRequest(f"r{i}", blocks[i], 0) for i in range(3)]
+        admit = engine._table.admit
+        calls = []
+
+        def failing_second(*args: object, **kwargs: object) -> object:
+            calls.append(args[0])
+            if len(calls) == 2:
+                raise MemoryError("injected")
+            return admit(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(engine._table, "admit", failing_second)
+        with pytest.raises(MemoryError):
+            engine.receive_many(batch)
+        monkeypatch.setattr(engine._table, "admit", admit)
+        await until(lambda: p1.num_pinned == 0 and engine.stats().sessions == 0)
+        assert engine.session("r0").state is State.CANCELLED
+        sent = [m for _, payload in t0.recv_control() for m in wire.decode_frame(payload)[0]]
+        assert [type(m) for m in sent] == [wire.Cancel]  # nothing advertised; r0 cancelled
+        handles = engine.receive_many(batch)  # all three tags are free again
+        assert len(handles) == 3
+        for i in range(3):
+            engine.cancel(f"r{i}")
+        await until(lambda: p1.num_pinned == 0)

@@ -91,8 +91,8 @@ async def test_engine_third_rank_advertise_cannot_take_anothers_request_id() -> 
 
 def _frame(payload: bytes) -> list[wire.ControlMessage]:
     """The messages of one control payload (a frame), every byte of it well-formed."""
-    messages, error = wire.decode_frame(payload)
-    assert error is None, error
+    messages, errors = wire.decode_frame(payload)
+    assert not errors, errors
     return messages
 
 

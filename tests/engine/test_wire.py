@@ -93,32 +93,42 @@ def test_wire_largest_message_fits_one_control_message() -> None:
 
 def test_wire_frame_of_several_messages_decodes_in_order() -> None:
     frame = b"".join(encode(m) for m in SAMPLES)
-    messages, error = wire.decode_frame(frame)
-    assert error is None and messages == list(SAMPLES)
-    assert wire.decode_frame(encode(SAMPLES[0])) == ([SAMPLES[0]], None)
+    assert wire.decode_frame(frame) == (list(SAMPLES), [])
+    assert wire.decode_frame(encode(SAMPLES[0])) == ([SAMPLES[0]], [])
     with pytest.raises(TrailingBytesError):
         decode(frame)  # ``decode`` takes exactly one message
 
 
-@pytest.mark.parametrize("junk", [b"", b"K", b"KVHC\x04\x63\x00\x00", b"\x00" * 20])
-def test_wire_frame_stops_at_the_first_malformed_message(junk: bytes) -> None:
+@pytest.mark.parametrize("junk", [b"K", b"KVHC\x04\x63\x00\x00", b"\x00" * 20,
+                                  _raw(wire.MessageKind.DONE, b"\x00", version=3)])
+def test_wire_frame_stops_at_the_first_malformed_header(junk: bytes) -> None:
     good = [SAMPLES[0], SAMPLES[-1]]
     frame = b"".join(encode(m) for m in good) + junk + encode(SAMPLES[1])
-    messages, error = wire.decode_frame(frame)
-    if junk:
-        assert messages == good and isinstance(error, ProtocolError)
-    else:  # nothing malformed: every message
-        assert messages == [*good, SAMPLES[1]] and error is None
-    empty, error = wire.decode_frame(b"")
-    assert empty == [] and isinstance(error, TruncatedMessageError)
+    messages, errors = wire.decode_frame(frame)
+    assert messages == good  # nothing after a header that cannot be trusted
+    assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
+
+
+def test_wire_frame_skips_a_message_whose_body_alone_is_malformed() -> None:
+    """A sound header delimits its message: a bad body (a field out of range, bad UTF-8,
+    bytes left over inside it) drops that message only."""
+    bad_bodies = [_raw(wire.MessageKind.DONE, struct.pack("!H", 2) + b"\xff\xfe"),
+                  _raw(wire.MessageKind.DONE, struct.pack("!H", 1) + b"rX")]
+    for bad in bad_bodies:
+        frame = encode(SAMPLES[0]) + bad + encode(SAMPLES[1])
+        messages, errors = wire.decode_frame(frame)
+        assert messages == [SAMPLES[0], SAMPLES[1]]
+        assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
+    assert wire.decode_frame(b"")[0] == []
+    assert isinstance(wire.decode_frame(b"")[1][0], TruncatedMessageError)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_wire_fuzz_frames_never_raise(data: bytes) -> None:
     for payload in (data, encode(SAMPLES[0]) + data):
-        _, error = wire.decode_frame(payload)
-        assert error is None or isinstance(error, ProtocolError)
+        _, errors = wire.decode_frame(payload)
+        assert all(isinstance(error, ProtocolError) for error in errors)
 
 
 def test_wire_version_3_message_is_refused_not_misread() -> None:

@@ -380,6 +380,18 @@ _EVENT_LIST = (
         "and each rank releases its blocks on its own quiescence",
     ),
     LogEvent(
+        "transport.cma_unavailable", "info", _ENGINE,
+        (
+            attrs.evolve(_PEER, meaning="the rank the one-copy path was not agreed with"),
+            LogKey("reason", str, "why: `disabled (...)` (`use_cma=False` or "
+                   "`KVHANDOFF_MPI_CMA=0`), `cuda_aware=True: ...`, `on another host`, `off on "
+                   "that rank's side`, `that rank cannot read this one`, or why reading its "
+                   "memory failed (ptrace permission ...)"),
+        ),
+        "an `MPITransport` could not agree cross-memory read (one copy on one host) with a "
+        "peer, at construction: data with that peer moves as MPI messages and datatypes",
+    ),
+    LogEvent(
         "fault.injected", "warning", _HOST,
         (
             attrs.evolve(_REQUEST_ID, meaning="the request whose transfer the fault hits",

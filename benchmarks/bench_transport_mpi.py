@@ -53,7 +53,7 @@ import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import attrs
@@ -80,6 +80,61 @@ def timed(comm: MPI.Comm, run: Callable[[], None]) -> float:
     run()
     elapsed = time.perf_counter() - start
     return comm.allreduce(elapsed, op=MPI.MAX)
+
+
+Rep = Callable[[], Awaitable[float]]  # one timed repetition: the slower rank's seconds
+
+
+def timed_rep(comm: MPI.Comm, run: Callable[[], None]) -> Rep:
+    async def rep() -> float:
+        return timed(comm, run)
+    return rep
+
+
+async def side_by_side(reps: int, name: str, total: int, raw_rep: Rep,
+                       our_rep: Rep) -> tuple[str, float, float, float]:
+    """A warm-up of each (connection set-up and page faults are not what we measure), then
+    ``reps`` repetitions alternating raw and ours: ``(name, raw GB/s, our GB/s, ratio)`` of
+    the medians."""
+    await raw_rep()
+    await our_rep()
+    raw_times, our_times = [], []
+    for _ in range(reps):
+        raw_times.append(await raw_rep())
+        our_times.append(await our_rep())
+    raw_s, our_s = statistics.median(raw_times), statistics.median(our_times)
+    return name, total / raw_s / 1e9, total / our_s / 1e9, raw_s / our_s
+
+
+def raw_message(raw_comm: MPI.Comm, buf: np.ndarray, tag: int) -> Callable[[], None]:
+    """One raw message of ``buf`` from rank 0 to rank 1."""
+    def run() -> None:
+        if raw_comm.Get_rank() == 0:
+            raw_comm.Isend([buf, MPI.BYTE], dest=1, tag=tag).Wait()
+        else:
+            raw_comm.Irecv([buf, MPI.BYTE], source=0, tag=tag).Wait()
+    return run
+
+
+def engine_rep(comm: MPI.Comm, engine: TransferEngine, block_ids: list[int], nbytes: int,
+               prefix: str) -> Rep:
+    """One engine transfer of ``block_ids`` from rank 0 to rank 1, timed from a barrier to
+    both handles' ``wait()``."""
+    serial = iter(range(1 << 30))
+
+    async def rep() -> float:
+        rid = f"{prefix}-{next(serial)}"
+        comm.Barrier()
+        start = time.perf_counter()
+        if comm.Get_rank() == 0:
+            handle = engine.send(rid, block_ids, 1)
+        else:
+            handle = engine.receive(rid, block_ids, 0)
+        result = await handle.wait()
+        elapsed = time.perf_counter() - start
+        assert result.nbytes == nbytes, result
+        return float(comm.allreduce(elapsed, op=MPI.MAX))
+    return rep
 
 
 def main() -> int:
@@ -123,14 +178,6 @@ def main() -> int:
                 left -= len(MPI.Request.Testsome(reqs) or ())
         return run
 
-    def raw(buf: np.ndarray) -> Callable[[], None]:
-        def run() -> None:
-            if rank == 0:
-                raw_comm.Isend([buf, MPI.BYTE], dest=1, tag=1).Wait()
-            else:
-                raw_comm.Irecv([buf, MPI.BYTE], source=0, tag=1).Wait()
-        return run
-
     def ours(bufs: list[torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             if rank == 0:
@@ -145,16 +192,19 @@ def main() -> int:
 
     block_arrays = [b.numpy() for b in blocks]
     cases = [
-        (f"1 x {args.size_mib} MiB, raw Isend/Irecv+Wait", nbytes, raw(big_np), ours([big])),
+        (f"1 x {args.size_mib} MiB, raw Isend/Irecv+Wait", nbytes, raw_message(raw_comm, big_np, 1),
+         ours([big])),
         (f"{args.blocks} x 4 KiB, raw Isend/Irecv+Testsome", small_total,
          raw_polled(block_arrays), ours(blocks)),
         (f"{args.blocks} x 4 KiB vs raw 1 x {small_total >> 10} KiB", small_total,
-         raw(small_np), ours(blocks)),
+         raw_message(raw_comm, small_np, 1), ours(blocks)),
     ]
     config = EngineConfig(idle_sleep_s=args.idle_sleep_s)
     results, engine_results = [], []
     if not args.no_legacy:
-        results = [side_by_side(comm, args.reps, *case) for case in cases]
+        results = [anyio.run(side_by_side, args.reps, name, total, timed_rep(comm, raw_run),
+                             timed_rep(comm, our_run))
+                   for name, total, raw_run, our_run in cases]
         engine_results = anyio.run(engine_cases, comm, raw_comm, args.size_mib, args.reps,
                                    config)
     plane = anyio.run(data_plane, comm, raw_comm, args.size_mib << 20, args.reps, config,
@@ -185,18 +235,6 @@ def main() -> int:
     return 0
 
 
-def side_by_side(comm: MPI.Comm, reps: int, name: str, total: int, raw_run: Callable[[], None],
-                 our_run: Callable[[], None]) -> tuple[str, float, float, float]:
-    raw_run()  # warm-up: connection setup and page faults are not what we measure
-    our_run()
-    raw_times, our_times = [], []
-    for _ in range(reps):
-        raw_times.append(timed(comm, raw_run))
-        our_times.append(timed(comm, our_run))
-    raw_s, our_s = statistics.median(raw_times), statistics.median(our_times)
-    return name, total / raw_s / 1e9, total / our_s / 1e9, raw_s / our_s
-
-
 async def engine_cases(comm: MPI.Comm, raw_comm: MPI.Comm, size_mib: int, reps: int,
                        config: EngineConfig) -> list[_EngineRow]:
     """Each rank runs one engine per pool layout; rank 0 sends, rank 1 receives."""
@@ -225,16 +263,9 @@ async def engine_layout(
     block_ids = pool.alloc(num_blocks, owner="bench")
     for layer in pool.layers:
         layer.view(torch.uint8).random_(0, 256)
-    raw_buf = np.zeros(nbytes, dtype=np.uint8)
+    raw = raw_message(raw_comm, np.zeros(nbytes, dtype=np.uint8), 1)
     staging = torch.empty(nbytes, dtype=torch.uint8)
-    serial = iter(range(1 << 30))
     case = f"{num_blocks} x {per_block >> 10} KiB blocks"
-
-    def raw() -> None:
-        if rank == 0:
-            raw_comm.Isend([raw_buf, MPI.BYTE], dest=1, tag=1).Wait()
-        else:
-            raw_comm.Irecv([raw_buf, MPI.BYTE], source=0, tag=1).Wait()
 
     def raw_with_copies() -> None:
         if rank == 0:
@@ -244,33 +275,14 @@ async def engine_layout(
             raw_comm.Irecv([staging.numpy(), MPI.BYTE], source=0, tag=1).Wait()
             cuda_ext.scatter(staging, pool.layers, block_ids)
 
-    async def ours(engine: TransferEngine) -> float:
-        rid = f"bench-{next(serial)}"
-        comm.Barrier()
-        start = time.perf_counter()
-        if rank == 0:
-            handle = engine.send(rid, block_ids, 1)
-        else:
-            handle = engine.receive(rid, block_ids, 0)
-        result = await handle.wait()
-        elapsed = time.perf_counter() - start
-        assert result.nbytes == nbytes, result
-        return float(comm.allreduce(elapsed, op=MPI.MAX))
-
     results: list[_EngineRow] = []
     transport = MPITransport(comm)
     async with TransferEngine(pool, transport, config=config) as engine:
+        ours = engine_rep(comm, engine, block_ids, nbytes, "bench")
         for name, with_copies, goal in baselines:
             raw_run = raw_with_copies if with_copies else raw
-            raw_run()  # warm-up
-            await ours(engine)
-            raw_times, our_times = [], []
-            for _ in range(reps):
-                raw_times.append(timed(comm, raw_run))
-                our_times.append(await ours(engine))
-            raw_s, our_s = statistics.median(raw_times), statistics.median(our_times)
-            results.append(((f"{case} {name}", nbytes / raw_s / 1e9, nbytes / our_s / 1e9,
-                             raw_s / our_s), goal))
+            results.append((await side_by_side(reps, f"{case} {name}", nbytes,
+                                               timed_rep(comm, raw_run), ours), goal))
         report = await engine.drain(10.0)
         assert report.clean, report
     transport.close()
@@ -319,22 +331,8 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
     block_ids = [int(b) for b in rng.choice(everything, num_blocks, replace=False)]
     for layer in pool.layers:
         layer.view(torch.uint8).random_(0, 256)
-    raw_buf = np.zeros(nbytes, dtype=np.uint8)
-    serial = iter(range(1 << 30))
-
-    def contiguous() -> None:
-        if rank == 0:
-            raw_comm.Isend([raw_buf, MPI.BYTE], dest=1, tag=1).Wait()
-        else:
-            raw_comm.Irecv([raw_buf, MPI.BYTE], source=0, tag=1).Wait()
-
-    torch_buf = torch.zeros(nbytes, dtype=torch.uint8).numpy()
-
-    def contiguous_torch() -> None:
-        if rank == 0:
-            raw_comm.Isend([torch_buf, MPI.BYTE], dest=1, tag=3).Wait()
-        else:
-            raw_comm.Irecv([torch_buf, MPI.BYTE], source=0, tag=3).Wait()
+    contiguous = raw_message(raw_comm, np.zeros(nbytes, dtype=np.uint8), 1)
+    contiguous_torch = raw_message(raw_comm, torch.zeros(nbytes, dtype=torch.uint8).numpy(), 3)
 
     def same_table() -> None:
         lengths, addresses = _mpi_blocks(block_regions(pool.layers, block_ids))
@@ -360,19 +358,6 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
                                           mine.lengths)
             _cma.read(peer_pid, local, remote)
 
-    async def ours(engine: TransferEngine) -> float:
-        rid = f"plane-{next(serial)}"
-        comm.Barrier()
-        start = time.perf_counter()
-        if rank == 0:
-            handle = engine.send(rid, block_ids, 1)
-        else:
-            handle = engine.receive(rid, block_ids, 0)
-        result = await handle.wait()
-        elapsed = time.perf_counter() - start
-        assert result.nbytes == nbytes, result
-        return float(comm.allreduce(elapsed, op=MPI.MAX))
-
     times: dict[str, list[float]] = {"contiguous": [], "torch memory": [], "same table": [],
                                      "cma": []}
     times.update({name: [] for name in PATHS})
@@ -384,17 +369,20 @@ async def data_plane_layout(comm: MPI.Comm, raw_comm: MPI.Comm, nbytes: int, rep
             engines[name] = await stack.enter_async_context(TransferEngine(
                 pool, transports[name],
                 config=attrs.evolve(config, region_min_bytes=min_bytes)))
+        ours = {name: engine_rep(comm, engine, block_ids, nbytes, f"plane{index}")
+                for index, (name, engine) in enumerate(engines.items())}
         # Warm-up: connections, page faults.
-        contiguous(), contiguous_torch(), same_table(), cma_same_table()
-        for engine in engines.values():
-            await ours(engine)
+        for raw_run in (contiguous, contiguous_torch, same_table, cma_same_table):
+            raw_run()
+        for rep in ours.values():
+            await rep()
         for _ in range(reps):
             times["contiguous"].append(timed(comm, contiguous))
             times["torch memory"].append(timed(comm, contiguous_torch))
             times["same table"].append(timed(comm, same_table))
             times["cma"].append(timed(comm, cma_same_table))
-            for name, engine in engines.items():
-                times[name].append(await ours(engine))
+            for name, rep in ours.items():
+                times[name].append(await rep())
         for engine in engines.values():
             report = await engine.drain(10.0)
             assert report.clean, report

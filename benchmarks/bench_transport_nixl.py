@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine
 from kvhandoff.engine.transports import NixlTransport, block_regions
-from kvhandoff.engine.transports._nixl import equal_pieces
+from kvhandoff.engine.transports._nixl_wire import equal_pieces
 
 # name, (num_layers, block_tokens, kv_heads, head_dim), blocks per transfer
 LAYOUTS = [("128 x 512 KiB, 8 layers", (8, 16, 8, 128), 128),

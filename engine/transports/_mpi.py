@@ -35,7 +35,9 @@ its descriptor arrives. With every peer on the CMA path the engine is told to ta
 path for regions of at least 4 KiB (``region_min_bytes``; smaller ones still gather, since the
 kernel's cost per iovec outweighs their bytes); otherwise (remote peers, ``use_cma=False``, the
 ``KVHANDOFF_MPI_CMA=0`` environment, ``cuda_aware=True``, no ptrace permission) nothing
-changes and ``cma_unavailable`` says why (the transport logs nothing; the host may).
+changes and ``cma_unavailable`` says why; with logging on (``configure_logging``) the
+transport also writes one ``transport.cma_unavailable`` line per peer it could not agree the
+path with, at construction, with that peer's reason.
 
 mpi4py is imported when a transport is created, never at package import.
 """
@@ -50,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kvhandoff.collectives import logging_enabled, rank_logger
 from kvhandoff.engine.transports import _cma
 from kvhandoff.engine.transports._base import (
     CONTROL_TAG,
@@ -213,15 +216,20 @@ class MPITransport(Transport):
         self._descriptor_sends: list[tuple[_CMASendHandle, bytes]] = []
         #: Messages on the ack communicator that matched no send of ours, or were no ack.
         self.cma_dropped_acks = 0
-        self.cma_peers, self.cma_unavailable = self._negotiate_cma(use_cma)
+        self.cma_peers, self.cma_unavailable, why_not = self._negotiate_cma(use_cma)
+        if why_not and logging_enabled():
+            log = rank_logger(self.rank)
+            for peer, why in sorted(why_not.items()):
+                log.info("transport.cma_unavailable", peer=peer, reason=why)
         if self.world_size > 1 and len(self.cma_peers) == self.world_size - 1:
             # One copy, blocks where they are, beats gather + move + scatter while the
             # kernel's cost per iovec is small next to the region's bytes (measured).
             self.region_min_bytes = _CMA_REGION_MIN_BYTES
 
-    def _negotiate_cma(self, use_cma: bool | None) -> tuple[frozenset[int], str | None]:
-        """The peers both directions of a cross-memory read work with, and why not with
-        the others; collective over the communicator."""
+    def _negotiate_cma(self, use_cma: bool | None,
+                       ) -> tuple[frozenset[int], str | None, dict[int, str]]:
+        """The peers both directions of a cross-memory read work with, why not with the
+        others (one line, and per peer); collective over the communicator."""
         MPI = self._mpi
         if use_cma is None:
             use_cma = os.environ.get(CMA_ENV, "1") != "0"
@@ -241,7 +249,7 @@ class MPITransport(Transport):
             table = np.empty((size, len(mine)), dtype=np.uint64)
             local.Allgather([mine, MPI.UINT64_T], [table, MPI.UINT64_T])
             works = np.zeros(size, dtype=np.uint8)
-            failures = []
+            probe_failed: dict[int, str] = {}  # local index -> why this rank cannot read it
             for j in range(size):
                 if j == me or reason is not None or not table[j, 0]:
                     continue
@@ -249,7 +257,7 @@ class MPITransport(Transport):
                 if why is None:
                     works[j] = 1
                 else:
-                    failures.append(f"rank {int(table[j, 4])}: {why}")
+                    probe_failed[j] = why
             grid = np.empty((size, size), dtype=np.uint8)
             local.Allgather([works, MPI.UINT8_T], [grid, MPI.UINT8_T])
         finally:
@@ -257,15 +265,31 @@ class MPITransport(Transport):
         peers = frozenset(int(table[j, 4]) for j in range(size)
                           if j != me and grid[me, j] and grid[j, me])
         if len(peers) == self.world_size - 1:
-            return peers, None
-        if reason is None:
-            remote = self.world_size - size
-            refused = [int(table[j, 4]) for j in range(size)
-                       if j != me and grid[me, j] and not grid[j, me]]
-            reason = "; ".join(
-                failures + ([f"{remote} ranks on other hosts"] if remote else [])
-                + ([f"ranks {refused} cannot read this one"] if refused else []))
-        return peers, reason  # the host reads it from cma_unavailable (and may log it)
+            return peers, None, {}
+        if reason is not None:  # this side's own: it holds for every peer
+            return peers, reason, {r: reason for r in range(self.world_size) if r != self.rank}
+        local_ranks = {int(table[j, 4]) for j in range(size)}
+        why_not = {r: "on another host" for r in range(self.world_size) if r not in local_ranks}
+        failures, off, refused = [], [], []
+        for j in range(size):
+            peer = int(table[j, 4])
+            if j == me or peer in peers:
+                continue
+            if j in probe_failed:
+                why_not[peer] = probe_failed[j]
+                failures.append(f"rank {peer}: {probe_failed[j]}")
+            elif not table[j, 0]:  # disabled, or unavailable, on the peer's side
+                why_not[peer] = "off on that rank's side"
+                off.append(peer)
+            else:  # this rank read the peer, the peer could not read this one
+                why_not[peer] = "that rank cannot read this one"
+                refused.append(peer)
+        remote = len(why_not) - len(failures) - len(off) - len(refused)
+        reason = "; ".join(
+            failures + ([f"{remote} ranks on other hosts"] if remote else [])
+            + ([f"ranks {refused} cannot read this one"] if refused else [])
+            + ([f"off on the side of ranks {off}"] if off else []))
+        return peers, reason, why_not
 
     @property
     def comm(self) -> Any:

@@ -21,13 +21,13 @@ sizes that differ between the sides (a typed failure on both, nothing posted). P
 from __future__ import annotations
 
 import sys
-import time
 import zlib
 from functools import partial
 
 import anyio
 import numpy as np
 import torch
+from _checks import check_pool_whole, wait_until
 from _harness import mpi_main
 from kvhandoff.engine import (
     BlockPool,
@@ -63,13 +63,6 @@ def config(region_min_bytes: int, **overrides: float) -> EngineConfig:
 def pattern(pool: BlockPool, rid: str, count: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(zlib.crc32(rid.encode()))
     return [torch.randn((count, *pool.block_shape), generator=gen).half() for _ in pool.layers]
-
-
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await anyio.sleep(0.001)  # yield to the engine's loop; the predicate decides
 
 
 # (request id, block count, layer-wise, tokens): 100 blocks = 12.5 MiB (3 pieces), layer-wise
@@ -262,11 +255,7 @@ async def run_faults(comm) -> None:
             comm.Barrier()
             report = await engine.drain(5.0)
             assert report.clean, report
-    pool.check()
-    assert pool.num_free == pool.num_blocks
-    pool.alloc(pool.num_blocks, owner="final")  # debug alloc: PoisonError on any late write
-    comm.Barrier()
-    transport.close()
+    check_pool_whole(comm, pool, transport)
 
 
 def main(comm) -> None:

@@ -20,28 +20,16 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import zlib
 
 import anyio
 import numpy as np
 import torch
+from _checks import check_pairings, check_pool_whole, drain, wait_until
 from _harness import mpi_main
-from kvhandoff import cuda_ext
 from kvhandoff.engine import BlockPool, EngineConfig, TransferCancelled, TransferEngine
-from kvhandoff.engine.transports import HandleState, MPITransport, TransportHandle, _cma
+from kvhandoff.engine.transports import HandleState, MPITransport, _cma
 from kvhandoff.engine.transports._regions import block_regions
-
-DEADLINE_S = 30.0
-
-
-def drain(transport: MPITransport, handles: list[TransportHandle]) -> None:
-    start = time.monotonic()
-    left = {id(h) for h in handles}
-    while left:
-        for handle in transport.poll():
-            left.discard(id(handle))
-        assert time.monotonic() - start < DEADLINE_S, f"stuck: {len(left)} left"
 
 
 def layer_tensors(seed: int, blocks: int, tensor_block_bytes: int) -> list[torch.Tensor]:
@@ -51,33 +39,12 @@ def layer_tensors(seed: int, blocks: int, tensor_block_bytes: int) -> list[torch
                           generator=gen) for _ in range(16)]
 
 
-def check_pairings(t: MPITransport, tensor_block_bytes: int, blocks: int, tag: int) -> None:
-    rank, peer = t.rank, 1 - t.rank
+def check_layout(t: MPITransport, tensor_block_bytes: int, blocks: int, tag: int) -> None:
+    """``blocks`` of ``2 * blocks`` chosen at random on each side, in all four pairings."""
     rng = np.random.default_rng(tensor_block_bytes)
     ids = [int(b) for b in rng.choice(2 * blocks, blocks, replace=False)]
     recv_ids = [int(b) for b in rng.choice(2 * blocks, blocks, replace=False)]
-    src = layer_tensors(1, 2 * blocks, tensor_block_bytes)
-    expected = torch.empty(16 * blocks * tensor_block_bytes, dtype=torch.uint8)
-    cuda_ext.gather(src, ids, expected)
-    for offset, (send_regions, recv_regions) in enumerate(
-            [(True, True), (True, False), (False, True), (False, False)]):
-        if rank == 0:
-            handle = (t.post_send_regions(block_regions(src, ids), peer, tag + offset)
-                      if send_regions else t.post_send(expected, peer, tag + offset))
-            drain(t, [handle])
-            assert handle.state is HandleState.DONE, handle
-            continue
-        dst = [torch.zeros_like(x) for x in src]
-        buf = torch.zeros_like(expected)
-        handle = (t.post_recv_regions(block_regions(dst, recv_ids), peer, tag + offset)
-                  if recv_regions else t.post_recv(buf, peer, tag + offset))
-        drain(t, [handle])
-        assert handle.state is HandleState.DONE, handle
-        if recv_regions:
-            cuda_ext.gather(dst, recv_ids, buf)
-            untouched = sorted(set(range(2 * blocks)) - set(recv_ids))
-            assert all(not x[untouched].any() for x in dst), "wrote outside its blocks"
-        assert torch.equal(buf, expected), f"{tensor_block_bytes} B, pairing {offset}"
+    check_pairings(t, layer_tensors(1, 2 * blocks, tensor_block_bytes), ids, recv_ids, tag)
 
 
 def check_send_pending_until_ack(t: MPITransport, comm) -> None:
@@ -146,7 +113,7 @@ def check_datatype_path(comm, transport: MPITransport) -> None:
     assert transport.cma_peers == frozenset(), transport.cma_peers
     assert "disabled" in (transport.cma_unavailable or "")
     assert transport.region_min_bytes == MPITransport.region_min_bytes
-    check_pairings(transport, 256, 64, 300)
+    check_layout(transport, 256, 64, 300)
     comm.Barrier()
     transport.close()
 
@@ -160,8 +127,8 @@ def run_transport(comm) -> None:
         return
     assert t.cma_peers == frozenset({peer}) and t.cma_unavailable is None, t.cma_unavailable
     assert t.region_min_bytes == 4 << 10
-    check_pairings(t, 32 << 10, 128, 100)  # 128 blocks x 512 KiB
-    check_pairings(t, 256, 2048, 110)  # 2048 blocks x 4 KiB (a smaller table, same form)
+    check_layout(t, 32 << 10, 128, 100)  # 128 blocks x 512 KiB
+    check_layout(t, 256, 2048, 110)  # 2048 blocks x 4 KiB (a smaller table, same form)
     check_send_pending_until_ack(t, comm)
     check_size_mismatch_both_sides(t)
     check_malformed_descriptor(t, comm)
@@ -178,13 +145,6 @@ def run_transport(comm) -> None:
 # 2 layers of 16 tokens x 8 heads x 128 fp16: 32 KiB per layer tensor, 128 KiB per block.
 LAYOUT = (2, 16, 8, 128)
 NUM_BLOCKS = 96
-
-
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await anyio.sleep(0.001)  # yield to the engine's loop; the predicate decides
 
 
 async def run_engine(comm) -> None:
@@ -239,11 +199,7 @@ async def run_engine(comm) -> None:
         comm.Barrier()
         report = await engine.drain(5.0)
         assert report.clean, report
-    pool.check()
-    assert pool.num_free == pool.num_blocks
-    pool.alloc(pool.num_blocks, owner="final")  # debug alloc: PoisonError on any late write
-    comm.Barrier()
-    transport.close()
+    check_pool_whole(comm, pool, transport)
 
 
 def main(comm) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
+from _checks import DEADLINE_S, drain
 from _harness import mpi_main
 from kvhandoff.engine._wire import Advertise, Done, decode, encode, layout_fingerprint
 from kvhandoff.engine.transports import (
@@ -19,30 +20,12 @@ from kvhandoff.engine.transports import (
     HandleState,
     MPITransport,
     TransportClosedError,
-    TransportHandle,
 )
-
-DEADLINE_S = 30.0
 
 
 def pattern(nbytes: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
-
-
-def drain(transport, handles: list[TransportHandle]) -> list[TransportHandle]:
-    """Poll until every handle was reported; check each is reported exactly once."""
-    wanted = {id(h) for h in handles}
-    seen: list[TransportHandle] = []
-    start = time.monotonic()
-    while len(seen) < len(handles):
-        for handle in transport.poll():
-            assert id(handle) in wanted, f"unexpected completion {handle}"
-            assert all(handle is not s for s in seen), f"reported twice: {handle}"
-            assert handle.final
-            seen.append(handle)
-        assert time.monotonic() - start < DEADLINE_S, f"stuck: {len(seen)}/{len(handles)}"
-    return seen
 
 
 def control_from_all(transport, expect: int) -> list[tuple[int, bytes]]:

@@ -9,63 +9,16 @@ Any failed check raises; ``mpi_main`` then aborts every rank.
 
 from __future__ import annotations
 
-import time
-
 import torch
+from _checks import check_pairings, drain
 from _harness import mpi_main
-from kvhandoff import cuda_ext
-from kvhandoff.engine.transports import HandleState, MPITransport, TransportHandle
+from kvhandoff.engine.transports import HandleState, MPITransport
 from kvhandoff.engine.transports._regions import block_regions
-
-DEADLINE_S = 30.0
-
-
-def drain(transport: MPITransport, handles: list[TransportHandle]) -> None:
-    start = time.monotonic()
-    left = {id(h) for h in handles}
-    while left:
-        for handle in transport.poll():
-            left.discard(id(handle))
-        assert time.monotonic() - start < DEADLINE_S, f"stuck: {len(left)} left"
 
 
 def tensors(seed: int, blocks: int = 64, count: int = 4) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(blocks, 4, 2, 8, generator=gen).half() for _ in range(count)]
-
-
-def check_pairings(t: MPITransport) -> None:
-    """Region->region, region->buffer, buffer->region: the receiver's blocks (or buffer)
-    hold exactly what gather() of the sender's table gives."""
-    rank, peer = t.rank, 1 - t.rank
-    ids = [5, 6, 7, 40, 2, 3, 63, 0]  # runs collapse; out-of-order ids keep their order
-    src = tensors(seed=1)
-    expected = torch.empty(len(ids) * 4 * 2 * 4 * 2 * 8, dtype=torch.uint8)
-    cuda_ext.gather(src, ids, expected)
-    recv_ids = [9, 10, 11, 12, 30, 31, 50, 1]
-    for tag, (send_regions, recv_regions) in enumerate(
-            [(True, True), (True, False), (False, True)], start=1):
-        if rank == 0:
-            if send_regions:
-                handle = t.post_send_regions(block_regions(src, ids), peer, tag)
-            else:
-                handle = t.post_send(expected, peer, tag)
-            drain(t, [handle])
-        else:
-            dst = [torch.zeros_like(x) for x in src]
-            buf = torch.zeros_like(expected)
-            if recv_regions:
-                handle = t.post_recv_regions(block_regions(dst, recv_ids), peer, tag)
-            else:
-                handle = t.post_recv(buf, peer, tag)
-            drain(t, [handle])
-            assert handle.state is HandleState.DONE, handle
-            assert handle.nbytes == expected.numel()
-            if recv_regions:
-                cuda_ext.gather(dst, recv_ids, buf)
-                untouched = [i for i in range(64) if i not in recv_ids]
-                assert all(not x[untouched].any() for x in dst), "wrote outside its blocks"
-            assert torch.equal(buf, expected), f"pairing {tag}: bytes differ"
 
 
 def check_interleaved(t: MPITransport) -> None:
@@ -123,7 +76,9 @@ def main(comm) -> None:
     assert comm.Get_size() == 2, "run with 2 ranks"
     t = MPITransport(comm)
     assert t.moves_regions
-    check_pairings(t)
+    # Runs collapse into one region; out-of-order ids keep their order.
+    check_pairings(t, tensors(seed=1), [5, 6, 7, 40, 2, 3, 63, 0],
+                   [9, 10, 11, 12, 30, 31, 50, 1], tag=1)
     check_interleaved(t)
     check_mismatch_and_cancel(t)
     check_many_in_flight(t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,25 @@ def test_transport_mpi_cma_moves_blocks_and_keeps_them_until_acked(run_mpi: RunM
     for rank in range(2):
         for mode in ("transport", "engine"):
             assert f"rank {rank} cma {mode} OK" in result.stdout, result.stdout
+
+
+def test_transport_mpi_logs_why_the_one_copy_path_is_off(run_mpi: RunMPI,
+                                                          tmp_path: Path) -> None:
+    """One ``transport.cma_unavailable`` line per peer, only with logging on and only when
+    the path was not agreed (the script checks each transport's lines); every line follows
+    the schema."""
+    import json
+
+    from kvhandoff.analysis import schema
+
+    result = run_mpi(2, "transport_mpi_cma_log.py", str(tmp_path), timeout=120)
+    for rank in range(2):
+        assert f"rank {rank} cma log OK" in result.stdout, result.stdout
+        lines = [json.loads(line) for line in
+                 (tmp_path / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert len(lines) >= 3, lines  # use_cma=False, the environment, one side off
+        for line in lines:
+            assert schema.check_line(line) == [], line
 
 
 def test_engine_zero_copy_over_mpi_datatypes(run_mpi: RunMPI) -> None:

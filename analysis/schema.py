@@ -305,6 +305,10 @@ _EVENT_LIST = (
                    values=SESSION_TRIGGERS),
             LogKey("reason", str, "failure reason, when it failed", nullable=True,
                    values=FAILURE_REASONS),
+            LogKey("outcome_unknown", bool, "with a failure: this side could not learn the "
+                   "other side's outcome (a sender that posted, so the receiver may hold "
+                   "every byte, lost the receiver's word); null without a failure",
+                   nullable=True),
         ),
         "a transfer session changed state",
     ),

@@ -64,7 +64,7 @@ def generate_rank(path: Path, rank: int, ranks: int, events: int) -> int:
                                    "request_id": request_id, "role": "sender",
                                    "peer": (rank + ranks // 2) % ranks, "from_state": old,
                                    "to_state": new, "trigger": TRIGGERS[step + 1],
-                                   "reason": None}))
+                                   "reason": None, "outcome_unknown": None}))
             for phase in ("deferred", "released"):
                 out.append(encode({"ts": ts + 4e-4, "rank": rank, "event": "pool.deferred_free",
                                    "level": "debug", "block_ids": [tick % 512, tick % 512 + 1],

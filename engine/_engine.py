@@ -715,6 +715,7 @@ class TransferEngine:
                 role=transfer.role.value, peer=transfer.peer, from_state=t.from_state.name,
                 to_state=t.to_state.name, trigger=t.event.name,
                 reason=None if t.failure is None else t.failure.reason.value,
+                outcome_unknown=None if t.failure is None else t.failure.outcome_unknown,
             )
 
     # --- release ----------------------------------------------------------------------------

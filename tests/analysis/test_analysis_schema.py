@@ -137,6 +137,10 @@ def test_schema_value_names_are_the_runtime_enums() -> None:
         ({"trigger": "DONE"}, "session.transition.trigger: 'DONE' is not one of"),
         ({"peer": True}, "session.transition.peer: True is not int"),
         ({"reason": None}, ""),
+        ({"outcome_unknown": True}, ""),
+        ({"outcome_unknown": None}, ""),
+        ({"outcome_unknown": 1}, "session.transition.outcome_unknown: 1 is not bool"),
+        ({"outcome_unknown": "yes"}, "session.transition.outcome_unknown: 'yes' is not bool"),
         ({"request_id": None}, "session.transition.request_id: null"),
         ({"attempt": 2}, "session.transition: key 'attempt' is not in the schema"),
         ({"level": "fatal"}, "session.transition.level: 'fatal' is not one of"),
@@ -148,6 +152,7 @@ def test_schema_check_line_names_what_is_wrong(change: dict[str, Any], problem: 
         "ts": 1.0, "rank": 0, "event": "session.transition", "level": "info",
         "request_id": "r", "role": "sender", "peer": 1, "from_state": "QUEUED",
         "to_state": "ADVERTISED", "trigger": "ADVERTISE", "reason": "peer_lost",
+        "outcome_unknown": False,
     }
     line.update(change)
     problems = schema.check_line(line)

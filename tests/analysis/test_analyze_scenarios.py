@@ -217,7 +217,8 @@ def transition(rank: int, request_id: str, from_state: str, to_state: str, trigg
                reason: str | None = None) -> tuple[int, str, str, dict[str, Any]]:
     return (rank, "info", "session.transition",
             {"request_id": request_id, "role": "sender", "peer": 1, "from_state": from_state,
-             "to_state": to_state, "trigger": trigger, "reason": reason})
+             "to_state": to_state, "trigger": trigger, "reason": reason,
+             "outcome_unknown": None if reason is None else False})
 
 
 def health(rank: int, healthy: bool, quarantined: int, reason: str | None = None,

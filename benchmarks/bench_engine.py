@@ -53,8 +53,13 @@ from typing import Any
 import anyio
 import torch
 from kvhandoff import cuda_ext
-from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine, TransferRequest
+from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine
 from kvhandoff.engine._agreement import OK, QUIESCENT, Agreement, absorb_round
+
+try:  # ``--against`` runs this script over older trees, from before the batched calls
+    from kvhandoff.engine import TransferRequest
+except ImportError:
+    TransferRequest = None
 from kvhandoff.engine.transports import loopback_group
 
 # Generous bounds: no session of this benchmark may time out or lose its peer's lease.
@@ -146,6 +151,14 @@ class RawPair:
             assert recv.final and recv.error is None
             cuda_ext.scatter(recv_view, layers1, (i,))
         assert done == 2 * self.batch
+
+
+def single_calls_per_second(batch: int, rounds: int) -> float:
+    """Sessions per second over ``rounds`` rounds of single calls (``--against``: the one
+    case every tree has, measured by this script whatever the tree)."""
+    pair = Pair(batch)
+    pair.round()
+    return batch * rounds / sum(timed(pair.round) for _ in range(rounds))
 
 
 def sessions_per_second(batch: int, rounds: int, *,
@@ -330,7 +343,7 @@ if hasattr(os, "sched_setaffinity"):
 torch.set_num_threads(1)
 sys.path.insert(0, {bench_dir!r})
 import bench_engine
-print(bench_engine.sessions_per_second({batch}, {rounds})[0])
+print(bench_engine.single_calls_per_second({batch}, {rounds}))
 """
 
 
@@ -345,10 +358,11 @@ def against(args: Any) -> None:
         archive = subprocess.run(["git", "archive", args.against], cwd=root, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        # This script measures both trees (the same metric), each tree's package imported.
         trees = {
             "after": (here, dict(os.environ)),
-            "before": (old / "benchmarks", {**os.environ, "PYTHONPATH": tmp,
-                                            "KVHANDOFF_CACHE_DIR": str(Path(tmp) / "cache")}),
+            "before": (here, {**os.environ, "PYTHONPATH": tmp,
+                              "KVHANDOFF_CACHE_DIR": str(Path(tmp) / "cache")}),
         }
         runs: dict[str, list[float]] = {"before": [], "after": []}
         for _ in range(args.repeats):

@@ -138,6 +138,19 @@ class Transition:
     failure: Failure | None = None
 
 
+#: One history entry: (at, from state, to state, event, failure) with the enums as indexes.
+_Entry = tuple[float, int, int, int, "Failure | None"]
+_STATES: tuple[State, ...] = tuple(State)
+_EVENTS: tuple[Event, ...] = tuple(Event)
+_STATE_INDEX: dict[State, int] = {state: i for i, state in enumerate(_STATES)}
+_EVENT_INDEX: dict[Event, int] = {event: i for i, event in enumerate(_EVENTS)}
+
+
+def _entry(t: Transition) -> _Entry:
+    return (t.at, _STATE_INDEX[t.from_state], _STATE_INDEX[t.to_state], _EVENT_INDEX[t.event],
+            t.failure)
+
+
 @attrs.frozen
 class SessionSnapshot:
     """A read-only copy of a session at one moment (safe to hand to other code)."""
@@ -443,7 +456,10 @@ class TransferSession:
     #: A sender that posted waits this long past its transfer deadline for the receiver's
     #: word (None: not at all).
     confirm_grace_s: float | None = None
-    _history: list[Transition] = attrs.field(factory=list)
+    #: The transitions made, each kept as plain values (``_entry``): a tuple of floats, ints
+    #: and None is untracked by Python's cyclic collector, where a ``Transition`` would be
+    #: one more object per transition for every pass to walk while the session lives.
+    _history: list[_Entry] = attrs.field(factory=list)
 
     @classmethod
     def admit(
@@ -498,7 +514,8 @@ class TransferSession:
 
     @property
     def history(self) -> tuple[Transition, ...]:
-        return tuple(self._history)
+        return tuple(Transition(at, _STATES[f], _STATES[t], _EVENTS[e], failure)
+                     for at, f, t, e, failure in self._history)
 
     @property
     def is_terminal(self) -> bool:
@@ -597,9 +614,9 @@ class TransferSession:
         if type(now) is not float or not _isfinite(now):
             now = _check_time("now", now)
         history = self._history
-        if history and now < history[-1].at:
+        if history and now < history[-1][0]:
             raise InvalidArgumentError(
-                "now", now, f"a time not before the last transition ({history[-1].at})"
+                "now", now, f"a time not before the last transition ({history[-1][0]})"
             )
         if (handle is not None) != (event in _TAKES_HANDLE):
             raise InvalidArgumentError(
@@ -639,5 +656,5 @@ class TransferSession:
             made += (Transition(now, to_state, settled_to, Event.QUIESCED,
                                 getattr(data, "failure", None)),)
         self.data = data
-        history.extend(made)
+        history.extend(map(_entry, made))
         return made

@@ -460,6 +460,9 @@ class TransferSession:
     #: and None is untracked by Python's cyclic collector, where a ``Transition`` would be
     #: one more object per transition for every pass to walk while the session lives.
     _history: list[_Entry] = attrs.field(factory=list)
+    #: The deadline a ``SessionTable`` last indexed for this session (its heap has it):
+    #: a transition that leaves the deadline as it was needs no new entry.
+    _indexed_deadline: float | None = attrs.field(default=None, init=False, repr=False)
 
     @classmethod
     def admit(

@@ -136,10 +136,9 @@ class SessionTable:
         session = self._sessions.get(request_id)
         if session is None:
             raise UnknownSessionError(request_id)
-        before, deadline_before = session.state, session.deadline
         made = session.apply(event, now, handle=handle, reason=reason, detail=detail,
                              outcome_unknown=outcome_unknown)
-        self._moved(session, before, made[-1].to_state, deadline_before)
+        self._moved(session, made[0].from_state, made[-1].to_state)
         return made
 
     def cancel(
@@ -205,8 +204,7 @@ class SessionTable:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _moved(self, session: TransferSession, before: State, after: State,
-               deadline_before: float | None) -> None:
+    def _moved(self, session: TransferSession, before: State, after: State) -> None:
         if after is not before:
             counts = self._counts
             counts[before] -= 1
@@ -216,10 +214,11 @@ class SessionTable:
         # A new deadline (the transfer deadline on advertise) needs a heap entry; IN_FLIGHT
         # keeps ADVERTISED's deadline, whose entry is still in the heap.
         deadline = session.deadline
-        if deadline != deadline_before:
+        if deadline != session._indexed_deadline:
             self._watch_deadline(session, deadline)
 
     def _watch_deadline(self, session: TransferSession, deadline: float | None) -> None:
+        session._indexed_deadline = deadline
         if deadline is None:
             return
         heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), session.request_id))

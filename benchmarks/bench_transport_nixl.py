@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from kvhandoff.engine import BlockPool, EngineConfig, TransferEngine
 from kvhandoff.engine.transports import NixlTransport, block_regions
-from kvhandoff.engine.transports._nixl_wire import equal_pieces
+from kvhandoff.engine.transports._regions import common_cut
 
 # name, (num_layers, block_tokens, kv_heads, head_dim), blocks per transfer
 LAYOUTS = [("128 x 512 KiB, 8 layers", (8, 16, 8, 128), 128),
@@ -200,7 +200,7 @@ async def _bench_cases(rank: int, peer: int, transport: NixlTransport, raw: Raw,
                  + regions.lengths.astype("<u8").tobytes())
     else:
         pairs = np.frombuffer(raw.expect(b"descs"), dtype="<u8").reshape(2, -1)
-        local, remote, piece = equal_pieces(regions.addresses, regions.lengths,
+        local, remote, piece = common_cut(regions.addresses, regions.lengths,
                                             pairs[0].copy(), pairs[1].copy())
     agent = raw.agent
     prepped: list[Any] = []

@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 import numpy as np
+from kvhandoff.engine.transports._regions import common_cut
 from kvhandoff.engine.transports.errors import CrossMemoryError, DescriptorError
 
 __all__ = [
@@ -174,36 +175,16 @@ def decode_ack(data: bytes | bytearray | memoryview) -> tuple[int, str | None]:
 def segments(local_addresses: np.ndarray, local_lengths: np.ndarray,
              remote_addresses: np.ndarray, remote_lengths: np.ndarray,
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Both region lists cut at their common boundaries: two ``[n, 2]`` ``uint64`` iovec
-    arrays (base, length) whose rows have equal lengths. Both lists hold the same bytes."""
-    if len(local_lengths) == len(remote_lengths) and \
-            np.array_equal(local_lengths, remote_lengths):
-        starts = None
-        lengths = local_lengths.astype(np.uint64)
-        local_base = local_addresses.astype(np.uint64)
-        remote_base = remote_addresses.astype(np.uint64)
-    else:
-        local_ends = np.cumsum(local_lengths, dtype=np.uint64)
-        remote_ends = np.cumsum(remote_lengths, dtype=np.uint64)
-        ends = np.union1d(local_ends, remote_ends)
-        starts = np.concatenate((np.zeros(1, np.uint64), ends[:-1]))
-        lengths = ends - starts
-        local_base = _bases(starts, local_addresses, local_lengths, local_ends)
-        remote_base = _bases(starts, remote_addresses, remote_lengths, remote_ends)
+    """Both region lists cut at their common boundaries (``_regions.common_cut``): two
+    ``[n, 2]`` ``uint64`` iovec arrays (base, length) whose rows have equal lengths. Both
+    lists hold the same bytes."""
+    local_base, remote_base, lengths = common_cut(local_addresses, local_lengths,
+                                                  remote_addresses, remote_lengths)
     local = np.empty((len(lengths), 2), dtype=np.uint64)
     remote = np.empty((len(lengths), 2), dtype=np.uint64)
     local[:, 0], local[:, 1] = local_base, lengths
     remote[:, 0], remote[:, 1] = remote_base, lengths
     return local, remote
-
-
-def _bases(starts: np.ndarray, addresses: np.ndarray, lengths: np.ndarray,
-           ends: np.ndarray) -> np.ndarray:
-    """The address of each byte offset ``starts[k]`` in the regions ``(addresses, lengths)``
-    whose cumulative ends are ``ends``."""
-    index = np.searchsorted(ends, starts, side="right")
-    region_start = ends[index] - lengths[index].astype(np.uint64)
-    return addresses[index].astype(np.uint64) + (starts - region_start)
 
 
 def read(pid: int, local: np.ndarray, remote: np.ndarray) -> None:

@@ -118,9 +118,8 @@ from kvhandoff.engine.transports._nixl_wire import (
     REFUSE_SIZE,
     decode_notification,
     encode_notification,
-    equal_pieces,
 )
-from kvhandoff.engine.transports._regions import Regions
+from kvhandoff.engine.transports._regions import Regions, common_cut
 from kvhandoff.engine.transports.errors import (
     InvalidBufferError,
     ProtocolError,
@@ -442,8 +441,8 @@ class NixlTransport(Transport):
                                                 f"bytes, receiver advertised {nbytes}")
             return
         regions = handle.regions
-        local, remote, piece = equal_pieces(regions.addresses, regions.lengths,
-                                            addresses, lengths)
+        local, remote, piece = common_cut(regions.addresses, regions.lengths,
+                                          addresses, lengths)
         mem_type, _ = _memory_type(regions.device)
         agent = self._agent
         count = len(piece)

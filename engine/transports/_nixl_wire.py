@@ -39,9 +39,9 @@ ADVERTISE 1 to ``MAX_DESCRIPTORS`` descriptors of 1 byte to under 1 TiB each (so
 version: a peer of another version is refused, never half-understood.
 
 Descriptor cutting. A WRITE pairs local descriptor ``i`` with remote descriptor ``i``, of one
-length. ``equal_pieces`` cuts the sender's regions and the receiver's advertised ones (one
-total length, laid out differently: blocks of other sizes, or a buffer against blocks) at the
-union of their boundaries, vectorised; lists of one layout pass through as they are.
+length: ``_regions.common_cut`` (shared with MPI's one-copy path) cuts the sender's regions
+and the receiver's advertised ones (one total length, laid out differently: blocks of other
+sizes, or a buffer against blocks) at the union of their boundaries.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ __all__ = [
     "VERSION",
     "decode_notification",
     "encode_notification",
-    "equal_pieces",
 ]
 
 MAGIC = b"KVNX"
@@ -189,27 +188,3 @@ def decode_notification(data: bytes) -> tuple[int, tuple[Any, ...]]:
 def _check_tag(tag: int, data: bytes) -> None:
     if not 1 <= tag <= _MAX_TAG:
         raise FieldRangeError("tag", tag, f"1..{_MAX_TAG}", data)
-
-
-def equal_pieces(local_addresses: np.ndarray, local_lengths: np.ndarray,
-                 remote_addresses: np.ndarray, remote_lengths: np.ndarray,
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut two region lists of one total length at the union of their boundaries:
-    ``(local addresses, remote addresses, lengths)`` with piece ``i`` of one length on both
-    sides, in byte-stream order. Vectorised (no Python step per piece)."""
-    if len(local_lengths) == len(remote_lengths) and np.array_equal(local_lengths,
-                                                                     remote_lengths):
-        return local_addresses, remote_addresses, local_lengths  # one block size: as is
-    local_ends = np.cumsum(local_lengths, dtype=np.uint64)
-    remote_ends = np.cumsum(remote_lengths, dtype=np.uint64)
-    # Both are increasing: their union is a sort of two sorted runs, then no repeats.
-    ends = np.sort(np.concatenate((local_ends, remote_ends)), kind="stable")
-    ends = ends[np.concatenate(([True], ends[1:] != ends[:-1]))]
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1]
-    li = np.searchsorted(local_ends, starts, side="right")
-    ri = np.searchsorted(remote_ends, starts, side="right")
-    local = local_addresses[li] + (starts - (local_ends[li] - local_lengths[li]))
-    remote = remote_addresses[ri] + (starts - (remote_ends[ri] - remote_lengths[ri]))
-    return local, remote, ends - starts

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from kvhandoff.engine.transports.errors import InvalidBufferError
 
-__all__ = ["BlockTail", "Regions", "block_regions", "buffer_regions"]
+__all__ = ["BlockTail", "Regions", "block_regions", "buffer_regions", "common_cut"]
 
 
 @attrs.frozen(eq=False)
@@ -193,3 +193,29 @@ def block_regions(tensors: Sequence[torch.Tensor], block_ids: Sequence[int] | np
     parts = [block_regions([t], ids, tail) for t in tensors]
     return Regions(np.concatenate([p.addresses for p in parts]),
                    np.concatenate([p.lengths for p in parts]), device, tensors, total)
+
+
+def common_cut(a_addresses: np.ndarray, a_lengths: np.ndarray, b_addresses: np.ndarray,
+               b_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two region lists of one byte stream (the same total length) cut at the union of
+    their boundaries: ``(a addresses, b addresses, lengths)`` as ``uint64`` arrays, piece
+    ``i`` of one length on both sides, in stream order, so each piece is one copy between
+    the two (a cross-memory read's iovecs, a NIXL descriptor pair). Vectorised (no Python
+    step per piece); lists of equal lengths come back as they are."""
+    a_addresses = a_addresses.astype(np.uint64, copy=False)
+    b_addresses = b_addresses.astype(np.uint64, copy=False)
+    a_lengths = a_lengths.astype(np.uint64, copy=False)
+    b_lengths = b_lengths.astype(np.uint64, copy=False)
+    if len(a_lengths) == len(b_lengths) and np.array_equal(a_lengths, b_lengths):
+        return a_addresses, b_addresses, a_lengths  # one cut already
+    a_ends = np.cumsum(a_lengths, dtype=np.uint64)
+    b_ends = np.cumsum(b_lengths, dtype=np.uint64)
+    ends = np.union1d(a_ends, b_ends)  # both increasing: sorted, no repeats
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1]
+    ai = np.searchsorted(a_ends, starts, side="right")
+    bi = np.searchsorted(b_ends, starts, side="right")
+    a = a_addresses[ai] + (starts - (a_ends[ai] - a_lengths[ai]))
+    b = b_addresses[bi] + (starts - (b_ends[bi] - b_lengths[bi]))
+    return a, b, ends - starts

@@ -1,6 +1,6 @@
-"""The wire of NixlTransport without NIXL: its notifications round-trip, malformed bytes raise
-only ``ProtocolError`` subclasses (whatever the input), and ``equal_pieces`` cuts two region
-lists so that each piece pair moves the same bytes of one byte stream."""
+"""The wire of NixlTransport without NIXL: its notifications round-trip, and malformed bytes
+raise only ``ProtocolError`` subclasses (whatever the input). Descriptor cutting is
+``_regions.common_cut``, tested with the region form."""
 
 from __future__ import annotations
 
@@ -55,31 +55,3 @@ def test_notifications_round_trip() -> None:
 def test_bad_notifications_raise_only_protocol_errors(data: bytes, error: type) -> None:
     with pytest.raises(error):
         wire.decode_notification(data)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_equal_pieces_carry_the_same_byte_stream(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    total = 4096
-    memory = rng.integers(0, 256, size=3 * total, dtype=np.uint8)
-
-    def random_regions(base: int) -> tuple[np.ndarray, np.ndarray]:
-        cuts = np.sort(rng.choice(np.arange(1, total), size=rng.integers(0, 12), replace=False))
-        lengths = np.diff(np.concatenate(([0], cuts, [total]))).astype(np.uint64)
-        gaps = rng.integers(0, 8, size=len(lengths))
-        starts = base + np.cumsum(np.concatenate(([0], (lengths + gaps)[:-1])))
-        return starts.astype(np.uint64), lengths
-
-    local_addresses, local_lengths = random_regions(0)
-    remote_addresses, remote_lengths = random_regions(total + 100)
-    local, remote, pieces = wire.equal_pieces(local_addresses, local_lengths,
-                                               remote_addresses, remote_lengths)
-    assert int(pieces.sum()) == total and (pieces > 0).all()
-    out = memory.copy()
-    for src, dst, n in zip(local.tolist(), remote.tolist(), pieces.tolist(), strict=True):
-        out[dst:dst + n] = memory[src:src + n]
-    sent = np.concatenate([memory[a:a + n] for a, n in zip(
-        local_addresses.tolist(), local_lengths.tolist(), strict=True)])
-    landed = np.concatenate([out[a:a + n] for a, n in zip(
-        remote_addresses.tolist(), remote_lengths.tolist(), strict=True)])
-    assert np.array_equal(sent, landed)

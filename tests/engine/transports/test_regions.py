@@ -19,6 +19,7 @@ from kvhandoff.engine.transports import (
     buffer_regions,
     loopback_group,
 )
+from kvhandoff.engine.transports._regions import common_cut
 
 
 def _read(regions: Regions) -> bytes:
@@ -182,3 +183,31 @@ def test_buffer_regions_is_one_region_over_the_buffer() -> None:
     assert _read(regions) == buf.numpy().tobytes()
     with pytest.raises(InvalidBufferError):
         buffer_regions(buf[::2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_common_cut_carries_the_same_byte_stream(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    total = 4096
+    memory = rng.integers(0, 256, size=3 * total, dtype=np.uint8)
+
+    def random_regions(base: int) -> tuple[np.ndarray, np.ndarray]:
+        cuts = np.sort(rng.choice(np.arange(1, total), size=rng.integers(0, 12), replace=False))
+        lengths = np.diff(np.concatenate(([0], cuts, [total]))).astype(np.uint64)
+        gaps = rng.integers(0, 8, size=len(lengths))
+        starts = base + np.cumsum(np.concatenate(([0], (lengths + gaps)[:-1])))
+        return starts.astype(np.uint64), lengths
+
+    local_addresses, local_lengths = random_regions(0)
+    remote_addresses, remote_lengths = random_regions(total + 100)
+    local, remote, pieces = common_cut(local_addresses, local_lengths,
+                                       remote_addresses, remote_lengths)
+    assert int(pieces.sum()) == total and (pieces > 0).all()
+    out = memory.copy()
+    for src, dst, n in zip(local.tolist(), remote.tolist(), pieces.tolist(), strict=True):
+        out[dst:dst + n] = memory[src:src + n]
+    sent = np.concatenate([memory[a:a + n] for a, n in zip(
+        local_addresses.tolist(), local_lengths.tolist(), strict=True)])
+    landed = np.concatenate([out[a:a + n] for a, n in zip(
+        remote_addresses.tolist(), remote_lengths.tolist(), strict=True)])
+    assert np.array_equal(sent, landed)

@@ -80,7 +80,7 @@ from kvhandoff.engine._staging import StagingPool
 from kvhandoff.engine._transfer import Transfer, WindDown
 from kvhandoff.engine.errors import DataTagsExhaustedError, LayerReadyError
 from kvhandoff.engine.transports import HandleKind, HandleState, TransportHandle
-from kvhandoff.engine.transports._regions import block_regions
+from kvhandoff.engine.transports._regions import BlockTail, block_regions
 from kvhandoff.sessions import OPEN_STATES, Event, FailureReason, Role
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class DataPath:
         transfer.piece_bounds = tuple(p * blocks // pieces for p in range(pieces + 1))
         transfer.expected = transfer.num_ops
         transfer.ops = [None] * transfer.num_ops
-        transfer.regions = self._moves_regions and self._large_regions(ids)
+        transfer.regions = self._moves_regions and self._large_regions(ids, transfer.tail)
         if transfer.regions:
             return
         transfer.crcs = [0] * transfer.num_chunks
@@ -190,16 +190,21 @@ class DataPath:
         transfer.free_slots = list(range(self._window - 1, -1, -1))  # pop() gives slot 0
         transfer.staging = self.staging.acquire(self._window * transfer.slot_nbytes)
 
-    def _large_regions(self, ids: tuple[int, ...]) -> bool:
+    def _large_regions(self, ids: tuple[int, ...], tail: BlockTail | None) -> bool:
         """Whether the regions of ``ids`` (a run of consecutive ids is one region per
-        tensor) average at least ``region_min_bytes``."""
+        tensor; a partly valid last block's ``tail`` adds ``tail.runs - 1`` and moves less)
+        average at least ``region_min_bytes``."""
         if not self._region_min_bytes:
             return True
         if len(ids) == 1:
             runs = 1
         else:
             runs = 1 + int(np.count_nonzero(np.diff(np.asarray(ids)) != 1))
-        return self._tensor_block_nbytes * len(ids) >= self._region_min_bytes * runs
+        nbytes = self._tensor_block_nbytes * len(ids)
+        if tail is not None:
+            runs += tail.runs - 1
+            nbytes -= self._tensor_block_nbytes - tail.total
+        return nbytes >= self._region_min_bytes * runs
 
     def start_receive(self, transfer: Transfer, now: float) -> bool:
         """Post the receives of a transfer (its tags are reserved): every one, or the first

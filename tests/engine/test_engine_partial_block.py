@@ -180,3 +180,24 @@ async def test_adopted_vllm_tensors_move_only_the_valid_slots(
     async with running(e0, e1):
         await _move(e0, e1, p0, p1, 3, 10, layerwise=False)
         await _move(e0, e1, p0, p1, 2, 5, layerwise=True, rid="lw")
+
+
+async def test_the_path_choice_counts_a_partial_last_blocks_own_regions() -> None:
+    """``region_min_bytes`` is an average region size: an HND last block that is partly
+    valid moves as ``kv_heads`` short regions per tensor, which the choice counts (here
+    one block of 256 bytes per tensor is one region, but 1 valid token of it is two regions
+    of 32 bytes, below the 100-byte bar: staged)."""
+    _, t1 = loopback_group(2)
+    p1 = _pool("HND", 4)
+    async with running(TransferEngine(p1, t1, config=fast_config(region_min_bytes=100,
+                                                                 transfer_timeout_s=0.2))) \
+            as (e1,):
+        full, partial = p1.alloc(1, owner="full"), p1.alloc(1, owner="partial")
+        e1.receive("full", full, 0, num_tokens=4)
+        e1.receive("partial", partial, 0, num_tokens=1)
+        assert e1._transfers["full"].regions and not e1._transfers["partial"].regions
+        for rid in ("full", "partial"):
+            e1.cancel(rid)
+        await until(lambda: not p1.pinned_by("full") and not p1.pinned_by("partial"))
+        p1.free(full, owner="full")
+        p1.free(partial, owner="partial")

@@ -510,13 +510,14 @@ class TransferEngine:
                     checked: bool = False, data_tags: Sequence[int] = ()) -> list[Transfer]:
         """``_admit`` for a batch, all or none: every request is validated and every pin
         checked before anything changes."""
-        admissions = [self._validate(r.request_id, r.block_ids, r.peer, r.layerwise,
-                                     r.num_tokens, r.metadata, checked=checked)
-                      for r in requests]
+        batch = list(requests)
         try:
+            admissions = [self._validate(r.request_id, r.block_ids, r.peer, r.layerwise,
+                                         r.num_tokens, r.metadata, checked=checked)
+                          for r in batch]
             self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
         except BaseException:
-            self._free_tags_of(admissions, data_tags, 0)
+            self._free_tags_of(batch, data_tags, 0)
             raise
         transfers: list[Transfer] = []
         try:
@@ -539,11 +540,11 @@ class TransferEngine:
             raise
         return transfers
 
-    def _free_tags_of(self, admissions: Sequence[_Admission], data_tags: Sequence[int],
-                      start: int) -> None:
-        """Give back the data tags reserved for ``admissions[start:]`` (receives only)."""
+    def _free_tags_of(self, requests: Sequence[TransferRequest | _Admission],
+                      data_tags: Sequence[int], start: int) -> None:
+        """Give back the data tags reserved for ``requests[start:]`` (receives only)."""
         for index in range(start, len(data_tags)):
-            count = self._num_layers if admissions[index].layerwise else 1
+            count = self._num_layers if requests[index].layerwise else 1
             self._datapath.free_tags(data_tags[index], count)
 
     def _batch(self, requests: Iterable[TransferRequest], role: Role) -> list[TransferRequest]:

@@ -74,6 +74,7 @@ async def test_a_bad_request_anywhere_in_a_batch_changes_nothing(bad: str) -> No
     # A cancelled posted receive whose sender never sends settles at its transfer deadline.
     async with engine_pair(fast_config(transfer_timeout_s=0.2)) as pair:
         e0, e1, p1 = pair.e0, pair.e1, pair.p1
+        pair.t1.max_tag = 5  # "live" and the three good ones fit: a leaked tag would not
         live = e1.receive("live", p1.alloc(1, owner="live"), 0)
         await until(lambda: e0.stats().early_advertises == 1)
         good = [p1.alloc(1, owner=f"g{i}") for i in range(3)]

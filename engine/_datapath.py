@@ -206,11 +206,23 @@ class DataPath:
             nbytes -= self._tensor_block_nbytes - tail.total
         return nbytes >= self._region_min_bytes * runs
 
+    def _planned(self, transfer: Transfer, now: float) -> bool:
+        """``_plan``, or the transfer failed here (nothing posted, the peer told CANCEL)
+        when planning raised: its staging memory could not be had, say. False then."""
+        try:
+            self._plan(transfer)
+        except Exception as exc:  # one transfer's trouble must not break the loop
+            self.local_error(transfer, FailureReason.TRANSPORT_ERROR,
+                             f"planning the transfer failed: {exc!r}", now)
+            return False
+        return True
+
     def start_receive(self, transfer: Transfer, now: float) -> bool:
         """Post the receives of a transfer (its tags are reserved): every one, or the first
-        window's worth; False when posting failed (the transfer is failed then, and nothing
-        may be advertised)."""
-        self._plan(transfer)
+        window's worth; False when planning or posting failed (the transfer is failed then,
+        and nothing may be advertised)."""
+        if not self._planned(transfer, now):
+            return False
         if transfer.windowed:
             return self._post_receives(transfer, now)
         return all(self._post(transfer, HandleKind.RECV, index, now)
@@ -221,7 +233,8 @@ class DataPath:
         """The receiver advertised: post the whole send, or each layer already produced."""
         transfer.data_tag = data_tag
         transfer.want_checksum = want_checksum
-        self._plan(transfer)
+        if not self._planned(transfer, now):
+            return
         self._engine._apply(transfer, Event.ADVERTISE, now)
         if not transfer.layerwise:
             self._post_chunk(transfer, 0, now)

@@ -248,14 +248,20 @@ class TransferEngine:
         raise before anything changes; a transfer that fails at once returns a handle whose
         ``wait()`` raises."""
         self._log_on = logging_enabled()
-        transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise,
-                               num_tokens=num_tokens, metadata=metadata)
+        try:
+            transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise,
+                                   num_tokens=num_tokens, metadata=metadata)
+        except BaseException:
+            self._end_call()
+            raise
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
-        early = self._control.take_early(request_id, peer)
-        if early is not None and not handle.done:  # else failed at admission
-            self._control.on_advertise(peer, early, self._clock())
-        self._end_call()
+        try:
+            early = self._control.take_early(request_id, peer)
+            if early is not None and not handle.done:  # else failed at admission
+                self._control.on_advertise(peer, early, self._clock())
+        finally:
+            self._end_call()
         return handle
 
     def receive(self, request_id: str, block_ids: Iterable[int], peer: int, *,
@@ -274,12 +280,16 @@ class TransferEngine:
             transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise,
                                    checked=True, num_tokens=num_tokens, data_tag=first_tag)
         except BaseException:
-            self._datapath.free_tags(first_tag, chunks)
+            if request_id not in self._transfers:  # else they go with its release
+                self._datapath.free_tags(first_tag, chunks)
+            self._end_call()
             raise
         handle = transfer.handle
         assert handle is not None  # made at admission; the transfer may be released below
-        self._start_receive(transfer)
-        self._end_call()
+        try:
+            self._start_receive(transfer)
+        finally:
+            self._end_call()
         return handle
 
     def send_many(self, requests: Iterable[TransferRequest]) -> list[TransferHandle]:
@@ -369,13 +379,15 @@ class TransferEngine:
                            state=None if state is None else state.name, result=result.name,
                            safe_to_free=result.safe_to_free)
         if transfer is not None and session is not None and result.applies_cancel:
-            self._after(transfer, session.history[before:], now)
-            if not transfer.outcome_known:  # IN_FLIGHT with cancel requested
-                self._surface_failure(transfer, FailureReason.CANCELLED,
-                                      "cancelled by the host")
-            self._datapath.wind_down(transfer, now)
+            try:
+                self._after(transfer, session.history[before:], now)
+                if not transfer.outcome_known:  # IN_FLIGHT with cancel requested
+                    self._surface_failure(transfer, FailureReason.CANCELLED,
+                                          "cancelled by the host")
+                self._datapath.wind_down(transfer, now)
+            finally:
+                self._end_call()
             self._poke()
-        self._end_call()
         return result
 
     def finished(self) -> list[str]:
@@ -503,7 +515,7 @@ class TransferEngine:
         try:
             return self._enter(admission, role, data_tag)
         except BaseException:
-            self.pool.unpin(admission.block_ids, owner=request_id)
+            self._admitted_or_undo([admission], [])  # a receive's tags are its caller's
             raise
 
     def _admit_many(self, requests: Iterable[TransferRequest], role: Role, *,
@@ -517,7 +529,7 @@ class TransferEngine:
                           for r in batch]
             self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
         except BaseException:
-            self._free_tags_of(batch, data_tags, 0)
+            self._free_tags_of(batch, data_tags, range(len(batch)))
             raise
         transfers: list[Transfer] = []
         try:
@@ -526,26 +538,35 @@ class TransferEngine:
                                              data_tags[index] if data_tags else 0))
         except BaseException:
             # Every check passed, so only the unforeseen (MemoryError, an interrupt) gets
-            # here. The rest are not admitted: their pins and tags go back. Those admitted
-            # already are cancelled (nothing of theirs is posted or advertised) and released
-            # the normal way, their pins and tags with them: the host got no handle for any.
-            rest = admissions[len(transfers):]
-            self.pool.unpin_many([(a.block_ids, a.request_id) for a in rest])
-            self._free_tags_of(admissions, data_tags, len(transfers))
-            now = self._clock()
-            for transfer in transfers:
-                if transfer.session.allows(Event.CANCEL):
-                    self._apply(transfer, Event.CANCEL, now)
+            # here: the host gets no handle for any of the batch.
+            self._admitted_or_undo(admissions, data_tags)
             self._end_call()
             raise
         return transfers
 
+    def _admitted_or_undo(self, admissions: Sequence[_Admission],
+                          data_tags: Sequence[int]) -> None:
+        """After an admission failed part-way: those not admitted give back their pins and
+        tags; those admitted (in ``_transfers``) are cancelled (nothing of theirs is posted
+        or advertised yet) and released the normal way, their pins and tags with them."""
+        now = self._clock()
+        rest = [i for i, a in enumerate(admissions) if a.request_id not in self._transfers]
+        self.pool.unpin_many([(admissions[i].block_ids, admissions[i].request_id)
+                              for i in rest])
+        self._free_tags_of(admissions, data_tags, rest)
+        for admission in admissions:
+            transfer = self._transfers.get(admission.request_id)
+            if transfer is not None and transfer.session.allows(Event.CANCEL):
+                self._apply(transfer, Event.CANCEL, now)
+
     def _free_tags_of(self, requests: Sequence[TransferRequest | _Admission],
-                      data_tags: Sequence[int], start: int) -> None:
-        """Give back the data tags reserved for ``requests[start:]`` (receives only)."""
-        for index in range(start, len(data_tags)):
-            count = self._num_layers if requests[index].layerwise else 1
-            self._datapath.free_tags(data_tags[index], count)
+                      data_tags: Sequence[int], indexes: Iterable[int]) -> None:
+        """Give back the data tags reserved for ``requests[i]``, ``i`` in ``indexes``
+        (receives only: ``data_tags`` is empty for sends)."""
+        for index in indexes:
+            if index < len(data_tags):
+                count = self._num_layers if requests[index].layerwise else 1
+                self._datapath.free_tags(data_tags[index], count)
 
     def _batch(self, requests: Iterable[TransferRequest], role: Role) -> list[TransferRequest]:
         """A batched call's requests, checked as a whole: each a ``TransferRequest``, no
@@ -594,15 +615,23 @@ class TransferEngine:
             transfer_timeout_s=self.config.transfer_timeout_s,
             confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
                              else None))
-        chunks = self._num_layers if admission.layerwise else 1
-        chunk_nbytes = self._datapath.chunk_nbytes(len(ids), admission.num_tokens, chunks)
-        transfer = Transfer(session=session, layerwise=admission.layerwise, num_chunks=chunks,
-                            chunk_nbytes=chunk_nbytes, expected=chunks,
-                            num_tokens=admission.num_tokens,
-                            metadata=admission.metadata, data_tag=data_tag)
-        transfer.handle = TransferHandle(transfer, self._on_layer_ready)
-        self._transfers[request_id] = transfer
-        self._leases.opened(peer, request_id)
+        try:
+            chunks = self._num_layers if admission.layerwise else 1
+            chunk_nbytes = self._datapath.chunk_nbytes(len(ids), admission.num_tokens, chunks)
+            transfer = Transfer(session=session, layerwise=admission.layerwise,
+                                num_chunks=chunks, chunk_nbytes=chunk_nbytes, expected=chunks,
+                                num_tokens=admission.num_tokens,
+                                metadata=admission.metadata, data_tag=data_tag)
+            transfer.handle = TransferHandle(transfer, self._on_layer_ready)
+            self._leases.opened(peer, request_id)
+            self._transfers[request_id] = transfer
+        except BaseException:
+            # Not admitted after all: the caller gives back its pins and tags.
+            self._leases.closed(peer, request_id)
+            self._table.discard(request_id)
+            raise
+        # From here on it is admitted (in ``_transfers``): a failure below is the caller's
+        # to cancel, never to unpin (``_admitted_or_undo``).
         if self._log_on:  # ``history`` is a copy: make it only to log it
             self._log_transitions(transfer, session.history)
         if self._agreement.known(request_id):  # the TP group already spoke about it
@@ -631,8 +660,15 @@ class TransferEngine:
         try:
             self._group.settle_local()
         finally:
+            self._unpin_and_flush()
+
+    def _unpin_and_flush(self) -> None:
+        """Remove the pins released and send the messages queued since the last time, the
+        messages even when the unpin raises."""
+        try:
             if self._unpins:
                 self._unpin_released()
+        finally:
             if self._control.has_outgoing:
                 self._control.flush()
 
@@ -654,8 +690,11 @@ class TransferEngine:
                 raise first from None
 
     def _layer_ready(self, transfer: Transfer, layer: int) -> None:
-        if self._datapath.layer_ready(transfer, layer, self._clock()):
+        try:
+            posted = self._datapath.layer_ready(transfer, layer, self._clock())
+        finally:
             self._end_call()
+        if posted:
             self._poke()
 
     # --- transitions and outcomes ----------------------------------------------------------
@@ -750,10 +789,7 @@ class TransferEngine:
         try:
             return self._tick_body()
         finally:
-            if self._unpins:
-                self._unpin_released()
-            if self._control.has_outgoing:  # the tick's messages, one frame per peer
-                self._control.flush()
+            self._unpin_and_flush()  # the tick's messages: one frame per peer
 
     def _tick_body(self) -> bool:
         now = self._clock()

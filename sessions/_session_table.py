@@ -195,6 +195,15 @@ class SessionTable:
         self._forget(session)
         return session
 
+    def discard(self, request_id: str) -> None:
+        """Undo ``admit``: remove a session that has not moved since (``QUEUED``, no
+        transition made), as if never admitted. ``NotReleasableError`` otherwise: a session
+        that moved leaves only by ``release`` once terminal."""
+        session = self.get(request_id)
+        if session.state is not State.QUEUED or session.history:
+            raise NotReleasableError(request_id, session.state)
+        self._forget(session)
+
     def pop_releasable(self) -> list[TransferSession]:
         """Remove and return every terminal session, in the order they ended."""
         released = [self._sessions[request_id] for request_id in self._terminal]

@@ -201,7 +201,8 @@ def common_cut(a_addresses: np.ndarray, a_lengths: np.ndarray, b_addresses: np.n
     their boundaries: ``(a addresses, b addresses, lengths)`` as ``uint64`` arrays, piece
     ``i`` of one length on both sides, in stream order, so each piece is one copy between
     the two (a cross-memory read's iovecs, a NIXL descriptor pair). Vectorised (no Python
-    step per piece); lists of equal lengths come back as they are."""
+    step per piece). Lists of equal lengths come back as they are: the results may be the
+    caller's own arrays (or views of them), so copy before changing them in place."""
     a_addresses = a_addresses.astype(np.uint64, copy=False)
     b_addresses = b_addresses.astype(np.uint64, copy=False)
     a_lengths = a_lengths.astype(np.uint64, copy=False)

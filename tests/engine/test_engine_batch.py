@@ -29,6 +29,7 @@ from kvhandoff.engine import (
     EngineConfigError,
     PinError,
     TransferEngine,
+    TransferFailed,
     TransferRequest,
 )
 from kvhandoff.engine import _wire as wire
@@ -258,3 +259,81 @@ async def test_an_unforeseen_error_mid_batch_leaks_nothing(
         for i in range(3):
             engine.cancel(f"r{i}")
         await until(lambda: p1.num_pinned == 0)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["receive", "receive_many"])
+async def test_an_error_after_the_table_took_a_request_undoes_its_entry(
+        monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    """An error inside admission after the session table took the request (injected into
+    the lease book): the request is not admitted at all (no session, no pin, no tag), the
+    ones admitted before it in a batch are cancelled, and its id can be used again."""
+    _, t1 = loopback_group(2)
+    t1.max_tag = 3  # a leaked tag would make the retry fail
+    p1 = make_pool()
+    engine = TransferEngine(p1, t1, config=fast_config(transfer_timeout_s=0.2))
+    async with running(engine):
+        blocks = [p1.alloc(1, owner=f"o{i}") for i in range(3)]
+        opened = engine._leases.opened
+        failing_rid = "r1"
+
+        def failing(peer: int, request_id: str) -> None:
+            if request_id == failing_rid:
+                raise MemoryError("injected after the table took it")
+            opened(peer, request_id)
+
+        monkeypatch.setattr(engine._leases, "opened", failing)
+        with pytest.raises(MemoryError):
+            if batched:
+                engine.receive_many([TransferRequest(f"r{i}", blocks[i], 0) for i in range(3)])
+            else:
+                engine.receive("r1", blocks[1], 0)
+        monkeypatch.setattr(engine._leases, "opened", opened)
+        assert "r1" not in engine._table and not p1.pinned_by("r1")
+        await until(lambda: p1.num_pinned == 0 and engine.stats().sessions == 0)
+        if batched:
+            assert engine.session("r0").state is State.CANCELLED  # admitted before it
+        handles = engine.receive_many([TransferRequest(f"r{i}", blocks[i], 0)
+                                       for i in range(3)])  # every id and tag is free again
+        assert not any(h.done for h in handles)
+        for i in range(3):
+            engine.cancel(f"r{i}")
+        await until(lambda: p1.num_pinned == 0)
+
+
+async def test_a_send_whose_start_fails_fails_alone_and_its_batch_gets_every_handle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting one send of a batch from its early advertise raises (injected into the
+    plan, as an out-of-memory staging allocation would): that transfer fails on both sides
+    (transport_error here, told to the receiver), the others move, and the host gets every
+    handle."""
+    async with engine_pair(fast_config(transfer_timeout_s=2.0)) as pair:
+        e0, e1, p0, p1 = pair.e0, pair.e1, pair.p0, pair.p1
+        dst = [p1.alloc(1, owner=f"s{i}") for i in range(3)]
+        src = [p0.alloc(1, owner=f"s{i}") for i in range(3)]
+        expected = [fill(p0, block, seed=i) for i, block in enumerate(src)]
+        receives = e1.receive_many([TransferRequest(f"s{i}", dst[i], 0) for i in range(3)])
+        await until(lambda: e0.stats().early_advertises == 3)
+        plan = e0._datapath._plan
+
+        def out_of_memory(transfer: object) -> None:
+            if transfer.request_id == "s1":  # type: ignore[attr-defined]
+                raise RuntimeError("out of memory (injected)")
+            plan(transfer)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(e0._datapath, "_plan", out_of_memory)
+        sends = e0.send_many([TransferRequest(f"s{i}", src[i], 1) for i in range(3)])
+        monkeypatch.setattr(e0._datapath, "_plan", plan)
+        assert len(sends) == 3 and e0.stats().early_advertises == 0
+        for i in (0, 2):
+            await sends[i].wait()
+            await receives[i].wait()
+            assert same_kv(kv_of(p1, dst[i]), expected[i])
+        with pytest.raises(TransferFailed) as sent:
+            await sends[1].wait()
+        assert sent.value.reason == "transport_error"
+        with pytest.raises(TransferFailed):
+            await receives[1].wait()
+        await until(lambda: p0.num_pinned == 0 and p1.num_pinned == 0)
+        for i in range(3):
+            p0.free(src[i], owner=f"s{i}")
+            p1.free(dst[i], owner=f"s{i}")

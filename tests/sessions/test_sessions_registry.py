@@ -200,3 +200,17 @@ def test_sessions_all_matches_public_names() -> None:
     assert set(sessions_pkg.__all__) == public
     for name in sessions_pkg.__all__:
         assert getattr(sessions_pkg, name) is not None
+
+
+def test_table_discard_undoes_an_admission_only_while_nothing_moved() -> None:
+    table = SessionTable()
+    table.admit("r", Role.RECEIVER, 1, (0,), 0.0, queue_timeout_s=5.0)
+    table.discard("r")  # as if never admitted: gone, its counts and deadline with it
+    assert "r" not in table and len(table) == 0 and table.next_deadline() is None
+    table.admit("r", Role.RECEIVER, 1, (0,), 1.0)  # the id is free again
+    table.apply("r", Event.ADVERTISE, 1.0)
+    with pytest.raises(NotReleasableError):
+        table.discard("r")  # it moved: only a release once terminal takes it out
+    assert table.get("r").state is State.ADVERTISED
+    with pytest.raises(UnknownSessionError):
+        table.discard("nobody")

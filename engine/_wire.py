@@ -372,14 +372,8 @@ class _Reader:
         return values
 
     def text(self, field: str, size: int) -> str:
-        end = self._offset + size
-        if end > len(self._body):
-            raise TruncatedMessageError(HEADER_SIZE + end, HEADER_SIZE + len(self._body),
-                                        self._whole)
-        raw = bytes(self._body[self._offset:end])
-        self._offset = end
         try:
-            return raw.decode("utf-8")
+            return self.raw(size).decode("utf-8")
         except UnicodeDecodeError:
             raise BadEncodingError(field, self._whole) from None
 

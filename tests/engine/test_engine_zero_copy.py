@@ -228,25 +228,15 @@ def test_region_min_bytes_is_validated() -> None:
 
 
 @pytest.mark.mpi
-def test_zero_copy_paths_pair_with_each_other_over_mpi(run_mpi: RunMPI) -> None:
-    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths", timeout=240)
+@pytest.mark.parametrize("mode", ["paths", "paths-hnd", "faults"],
+                         ids=["paths-pair", "paths-pair-on-hnd-pools", "faults-keep-pins"])
+def test_zero_copy_over_mpi(run_mpi: RunMPI, mode: str) -> None:
+    """``paths``: every pairing of the region and staged paths over MPI; ``paths-hnd``: the
+    same on an HND pool (a partial last block is one range per head); ``faults``: faults
+    keep the blocks pinned until their operations are final."""
+    result = run_mpi(2, "engine_mpi_zero_copy.py", mode, timeout=240)
     for rank in range(2):
-        assert f"rank {rank} zero-copy paths OK" in result.stdout, result.stdout
-
-
-@pytest.mark.mpi
-def test_zero_copy_paths_pair_on_head_major_pools_over_mpi(run_mpi: RunMPI) -> None:
-    """The same pairings on an HND pool: a partial last block is one range per head."""
-    result = run_mpi(2, "engine_mpi_zero_copy.py", "paths-hnd", timeout=240)
-    for rank in range(2):
-        assert f"rank {rank} zero-copy paths-hnd OK" in result.stdout, result.stdout
-
-
-@pytest.mark.mpi
-def test_zero_copy_faults_keep_blocks_pinned_over_mpi(run_mpi: RunMPI) -> None:
-    result = run_mpi(2, "engine_mpi_zero_copy.py", "faults", timeout=240)
-    for rank in range(2):
-        assert f"rank {rank} zero-copy faults OK" in result.stdout, result.stdout
+        assert f"rank {rank} zero-copy {mode} OK" in result.stdout, result.stdout
 
 
 @pytest.mark.anyio

@@ -7,7 +7,8 @@ so abort the job) after a deadline instead of hanging. ``check_pairings`` moves 
 blocks from rank 0 to rank 1 in each pairing of a region side with a buffer side and checks
 the bytes that land, and that nothing outside the receiver's blocks was written.
 ``check_pool_whole`` ends an engine scenario on a debug pool: every block back, none
-written after it was freed.
+written after it was freed. ``start_pair`` starts one request of the two-rank scripts (rank
+0 sends, rank 1 receives) and ``expect_failure`` awaits a handle that must fail.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import anyio
 import torch
 from kvhandoff import cuda_ext
-from kvhandoff.engine import BlockPool
+from kvhandoff.engine import BlockPool, TransferEngine, TransferError, TransferHandle
 from kvhandoff.engine.transports import HandleState, Transport, TransportHandle
 from kvhandoff.engine.transports._regions import block_regions
 
@@ -94,3 +95,23 @@ def check_pool_whole(comm: Any, pool: BlockPool, transport: Transport) -> None:
     pool.alloc(pool.num_blocks, owner="final")
     comm.Barrier()
     transport.close()
+
+
+def start_pair(engine: TransferEngine, rank: int, request_id: str, block_ids: Sequence[int],
+               **kwargs: Any) -> TransferHandle:
+    """Rank 0 sends ``request_id`` to rank 1, rank 1 receives it from rank 0."""
+    if rank == 0:
+        return engine.send(request_id, block_ids, 1, **kwargs)
+    return engine.receive(request_id, block_ids, 0, **kwargs)
+
+
+async def expect_failure(handle: TransferHandle, error: type[TransferError],
+                         why: str, reason: Any = None) -> TransferError:
+    """Await ``handle``, which must fail with ``error`` (and ``reason``, when given);
+    ``why`` says why it must not complete."""
+    try:
+        await handle.wait()
+    except error as exc:
+        assert reason is None or exc.reason is reason, exc
+        return exc
+    raise AssertionError(why)

@@ -62,8 +62,7 @@ async def survivor(comm) -> None:
         assert reasons["big"][0] in ("peer_lost", "transport_error"), reasons
         assert reasons["small"][0] in ("peer_lost", "transport_error"), reasons
         assert reasons["big"] == ("peer_lost", True) or reasons["big"][0] == "transport_error"
-        await anyio.sleep(0)  # let the loop settle what is quiescent
-        report = await engine.drain(2.0)
+        report = await engine.drain(2.0)  # waits for what can settle, then reports the rest
         left = {s.request_id: s.state.name for s in report.left}
         if "big" in left:  # the MPI send never ends: its blocks stay pinned, never freed
             assert pool.pinned_by("big"), "a pending send's blocks were released"

@@ -27,7 +27,7 @@ from functools import partial
 import anyio
 import numpy as np
 import torch
-from _checks import check_pool_whole, wait_until
+from _checks import check_pool_whole, expect_failure, start_pair, wait_until
 from _harness import mpi_main
 from kvhandoff.engine import (
     BlockPool,
@@ -165,16 +165,11 @@ async def run_faults(comm) -> None:
             # 1. An injected error on the receiver's region receive: both sides fail, the
             # receiver's blocks go back poisoned once the operation is final.
             ids = pool.alloc(8, owner="err")
-            if rank == 0:
-                handle = engine.send("err", ids, 1)
-            else:
-                handle = engine.receive("err", ids, 0)
-            try:
-                await handle.wait()
-                raise AssertionError("a transfer whose receive failed must fail on both sides")
-            except TransferError as exc:
-                # The receiver decides the outcome, and the sender adopts its reason.
-                assert exc.reason is FailureReason.TRANSPORT_ERROR, exc
+            handle = start_pair(engine, rank, "err", ids)
+            # The receiver decides the outcome, and the sender adopts its reason.
+            await expect_failure(handle, TransferError,
+                                 "a transfer whose receive failed must fail on both sides",
+                                 FailureReason.TRANSPORT_ERROR)
             await wait_until(lambda: not pool.pinned_by("err"))
             pool.free(ids, owner="err")
             pool.assert_poisoned(ids)
@@ -220,11 +215,8 @@ async def run_faults(comm) -> None:
                 result = engine.cancel("orphan")
                 assert result is CancelResult.CANCEL_REQUESTED_IN_FLIGHT, result
                 pool.free(ids, owner="orphan")
-                try:
-                    await handle.wait()
-                    raise AssertionError("a cancelled receive must not complete")
-                except TransferCancelled:
-                    pass
+                await expect_failure(handle, TransferCancelled,
+                                     "a cancelled receive must not complete")
                 await wait_until(lambda: pool.num_deferred == 0)
                 pool.assert_poisoned(ids)
             else:
@@ -239,15 +231,9 @@ async def run_faults(comm) -> None:
             for layer in pool.layers:
                 layer[ids] = 1.0
             sent_before = engine.stats().bytes_sent
-            if rank == 0:
-                handle = engine.send("size", ids, 1)
-            else:
-                handle = engine.receive("size", ids, 0)
-            try:
-                await handle.wait()
-                raise AssertionError("a size mismatch must fail")
-            except TransferFailed as exc:
-                assert exc.reason is FailureReason.SIZE_MISMATCH, exc
+            handle = start_pair(engine, rank, "size", ids)
+            await expect_failure(handle, TransferFailed, "a size mismatch must fail",
+                                 FailureReason.SIZE_MISMATCH)
             assert engine.stats().bytes_sent == sent_before
             assert all(bool((layer[ids] == 1.0).all()) for layer in pool.layers)
             await wait_until(lambda: not pool.pinned_by("size"))

@@ -9,8 +9,10 @@ into session events and applies them through the table (``_apply``), so the tran
 stays the one place where states change, and any fact the session holds is asked of it.
 
 The engine is this module (the public calls, the tick, what follows a transition, release)
-and four parts it drives: ``ControlPlane`` (``_control.py``: the handshake, early
-advertises, the peer's FAIL/CANCEL), ``DataPath`` (``_datapath.py``: posting, completions,
+and the parts it drives: ``Admission`` (``_admission.py``: validation, pins and table
+entries of single and batched requests, undone when an admission fails part-way),
+``ControlPlane`` (``_control.py``: the handshake, early advertises, the peer's FAIL/CANCEL,
+the outgoing frames), ``DataPath`` (``_datapath.py``: posting, completions,
 wind-down), ``Agreement`` (``_agreement.py``: the TP group's outcome union and quiescence
 intersection, sans-I/O) and ``Leases`` (``_leases.py``: peer leases and heartbeats).
 
@@ -29,14 +31,14 @@ import collections
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from kvhandoff import cuda_ext
 from kvhandoff.collectives import CheckedComm, logging_enabled, rank_logger
-from kvhandoff.engine import _wire as wire
+from kvhandoff.engine._admission import Admission, handles_of
 from kvhandoff.engine._agreement import FAILED, QUIESCENT
 from kvhandoff.engine._config import EngineConfig
 from kvhandoff.engine._control import ControlPlane
@@ -59,11 +61,9 @@ from kvhandoff.sessions import (
     OPEN_STATES,
     TERMINAL_STATES,
     CancelResult,
-    DuplicateSessionError,
     Event,
     FailureReason,
     Health,
-    InvalidArgumentError,
     Role,
     SessionSnapshot,
     SessionTable,
@@ -71,29 +71,9 @@ from kvhandoff.sessions import (
     TransferSession,
     Transition,
     UnknownSessionError,
-    check_block_ids,
 )
 
 __all__ = ["TransferEngine"]
-
-
-def _handles(transfers: Sequence[Transfer]) -> list[TransferHandle]:
-    """The handles of just-admitted transfers (made at admission; a transfer may be
-    released later in the same call, which cuts its link to the handle)."""
-    handles = [transfer.handle for transfer in transfers]
-    assert all(handle is not None for handle in handles)
-    return handles  # type: ignore[return-value]
-
-
-class _Admission(NamedTuple):
-    """A request's arguments once validated (``TransferEngine._validate``)."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    peer: int
-    layerwise: bool
-    num_tokens: int
-    metadata: bytes
 
 
 class TransferEngine:
@@ -160,6 +140,7 @@ class TransferEngine:
         self._leases = Leases(self.config.lease_s, self.config.heartbeat_every_s, now)
         self._control = ControlPlane(self)
         self._datapath = DataPath(self)
+        self._admission = Admission(self)
         self._group = GroupSync(self, tp_comm)
         self._agreement = self._group.agreement
         self._health = EngineHealth(self.config.health_policy(), now, on_restart)
@@ -249,8 +230,9 @@ class TransferEngine:
         ``wait()`` raises."""
         self._log_on = logging_enabled()
         try:
-            transfer = self._admit(request_id, block_ids, peer, Role.SENDER, layerwise,
-                                   num_tokens=num_tokens, metadata=metadata)
+            transfer = self._admission.admit(request_id, block_ids, peer, Role.SENDER,
+                                             layerwise, num_tokens=num_tokens,
+                                             metadata=metadata)
         except BaseException:
             self._end_call()
             raise
@@ -274,11 +256,12 @@ class TransferEngine:
         data tags left for it."""
         self._log_on = logging_enabled()
         chunks = self._num_layers if layerwise else 1
-        self._check_admissible(request_id, peer)
+        self._admission.check_admissible(request_id, peer)
         first_tag = self._datapath.reserve_tags(request_id, chunks)
         try:
-            transfer = self._admit(request_id, block_ids, peer, Role.RECEIVER, layerwise,
-                                   checked=True, num_tokens=num_tokens, data_tag=first_tag)
+            transfer = self._admission.admit(request_id, block_ids, peer, Role.RECEIVER,
+                                             layerwise, checked=True, num_tokens=num_tokens,
+                                             data_tag=first_tag)
         except BaseException:
             if request_id not in self._transfers:  # else they go with its release
                 self._datapath.free_tags(first_tag, chunks)
@@ -299,9 +282,9 @@ class TransferEngine:
         together, and the control messages the batch causes leave as one frame per peer.
         Bad input raises before any request is admitted. Returns the handles in order."""
         self._log_on = logging_enabled()
-        batch = self._batch(requests, Role.SENDER)
-        transfers = self._admit_many(batch, Role.SENDER, checked=True)
-        handles = _handles(transfers)
+        batch = self._admission.batch(requests, Role.SENDER)
+        transfers = self._admission.admit_many(batch, Role.SENDER, checked=True)
+        handles = handles_of(transfers)
         now = self._clock()
         try:
             for transfer, handle in zip(transfers, handles, strict=True):
@@ -321,7 +304,7 @@ class TransferEngine:
         error leave everything as it was), each posted and advertised, the advertises to
         one peer in one frame. Returns the handles in order."""
         self._log_on = logging_enabled()
-        batch = self._batch(requests, Role.RECEIVER)
+        batch = self._admission.batch(requests, Role.RECEIVER)
         datapath = self._datapath
         tags: list[tuple[int, int]] = []  # (first tag, count) per request
         try:
@@ -332,9 +315,9 @@ class TransferEngine:
             for first, count in tags:
                 datapath.free_tags(first, count)
             raise
-        transfers = self._admit_many(batch, Role.RECEIVER, checked=True,
-                                     data_tags=[first for first, _ in tags])
-        handles = _handles(transfers)
+        transfers = self._admission.admit_many(batch, Role.RECEIVER, checked=True,
+                                               data_tags=[first for first, _ in tags])
+        handles = handles_of(transfers)
         try:
             for transfer in transfers:
                 self._start_receive(transfer)
@@ -479,179 +462,6 @@ class TransferEngine:
                 {"request_id": s.request_id, "state": s.state.name} for s in left])
         return DrainReport(seconds=time.monotonic() - start,
                            released=self._released - released_before, left=left)
-
-    # --- admission ------------------------------------------------------------------------
-
-    def _check_admissible(self, request_id: str, peer: int) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise EngineConfigError("request_id", request_id, "a non-empty str")
-        try:
-            size = len(request_id.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise EngineConfigError("request_id", request_id, "valid UTF-8 text") from None
-        if size > wire.MAX_REQUEST_ID_BYTES:
-            raise EngineConfigError("request_id", f"{size} bytes of UTF-8",
-                                    f"at most {wire.MAX_REQUEST_ID_BYTES} bytes (the control "
-                                    "messages carry it)")
-        if not self._accepting:
-            raise EngineClosedError(request_id, "the engine is draining")
-        if request_id in self._transfers:
-            raise DuplicateSessionError(request_id)
-        world, me = self.transport.world_size, self.transport.rank
-        if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < world \
-                or peer == me:
-            raise EngineConfigError("peer", peer,
-                                    f"a rank in 0..{world - 1} other than this rank ({me})")
-
-    def _admit(self, request_id: str, block_ids: Iterable[int], peer: int, role: Role,
-               layerwise: bool, *, checked: bool = False, num_tokens: int | None = None,
-               metadata: bytes = b"", data_tag: int = 0) -> Transfer:
-        """Validate (``checked``: the id and peer were already), pin, admit: every failure
-        leaves the pool and the table as they were. ``data_tag``: a receive's first
-        reserved tag."""
-        admission = self._validate(request_id, block_ids, peer, layerwise, num_tokens,
-                                   metadata, checked=checked)
-        self.pool.pin(admission.block_ids, owner=request_id)  # range-checks the ids
-        try:
-            return self._enter(admission, role, data_tag)
-        except BaseException:
-            self._admitted_or_undo([admission], [])  # a receive's tags are its caller's
-            raise
-
-    def _admit_many(self, requests: Iterable[TransferRequest], role: Role, *,
-                    checked: bool = False, data_tags: Sequence[int] = ()) -> list[Transfer]:
-        """``_admit`` for a batch, all or none: every request is validated and every pin
-        checked before anything changes."""
-        batch = list(requests)
-        try:
-            admissions = [self._validate(r.request_id, r.block_ids, r.peer, r.layerwise,
-                                         r.num_tokens, r.metadata, checked=checked)
-                          for r in batch]
-            self.pool.pin_many([(a.block_ids, a.request_id) for a in admissions])
-        except BaseException:
-            self._free_tags_of(batch, data_tags, range(len(batch)))
-            raise
-        transfers: list[Transfer] = []
-        try:
-            for index, admission in enumerate(admissions):
-                transfers.append(self._enter(admission, role,
-                                             data_tags[index] if data_tags else 0))
-        except BaseException:
-            # Every check passed, so only the unforeseen (MemoryError, an interrupt) gets
-            # here: the host gets no handle for any of the batch.
-            self._admitted_or_undo(admissions, data_tags)
-            self._end_call()
-            raise
-        return transfers
-
-    def _admitted_or_undo(self, admissions: Sequence[_Admission],
-                          data_tags: Sequence[int]) -> None:
-        """After an admission failed part-way: those not admitted give back their pins and
-        tags; those admitted (in ``_transfers``) are cancelled (nothing of theirs is posted
-        or advertised yet) and released the normal way, their pins and tags with them."""
-        now = self._clock()
-        rest = [i for i, a in enumerate(admissions) if a.request_id not in self._transfers]
-        self.pool.unpin_many([(admissions[i].block_ids, admissions[i].request_id)
-                              for i in rest])
-        self._free_tags_of(admissions, data_tags, rest)
-        for admission in admissions:
-            transfer = self._transfers.get(admission.request_id)
-            if transfer is not None and transfer.session.allows(Event.CANCEL):
-                self._apply(transfer, Event.CANCEL, now)
-
-    def _free_tags_of(self, requests: Sequence[TransferRequest | _Admission],
-                      data_tags: Sequence[int], indexes: Iterable[int]) -> None:
-        """Give back the data tags reserved for ``requests[i]``, ``i`` in ``indexes``
-        (receives only: ``data_tags`` is empty for sends)."""
-        for index in indexes:
-            if index < len(data_tags):
-                count = self._num_layers if requests[index].layerwise else 1
-                self._datapath.free_tags(data_tags[index], count)
-
-    def _batch(self, requests: Iterable[TransferRequest], role: Role) -> list[TransferRequest]:
-        """A batched call's requests, checked as a whole: each a ``TransferRequest``, no
-        request id twice, admissible (``_check_admissible``), no metadata on a receive."""
-        batch = list(requests) if not isinstance(requests, (str, bytes)) else [requests]
-        seen: set[str] = set()
-        for request in batch:
-            if not isinstance(request, TransferRequest):
-                raise EngineConfigError("requests", request, "TransferRequest items")
-            if request.request_id in seen:
-                raise DuplicateSessionError(request.request_id)
-            seen.add(request.request_id)
-            if role is Role.RECEIVER and request.metadata:
-                raise EngineConfigError("metadata", f"{len(request.metadata)} bytes",
-                                        "none on a receive (the sender's metadata comes in "
-                                        "the result)")
-            self._check_admissible(request.request_id, request.peer)
-        return batch
-
-    def _validate(self, request_id: str, block_ids: Iterable[int], peer: int,
-                  layerwise: bool, num_tokens: int | None, metadata: bytes, *,
-                  checked: bool) -> _Admission:
-        if not checked:
-            self._check_admissible(request_id, peer)
-        try:
-            ids = check_block_ids(block_ids)  # the one validation of the ids
-        except InvalidArgumentError as exc:
-            raise EngineConfigError("block_ids", exc.value, exc.expected) from None
-        if not ids:
-            raise EngineConfigError("block_ids", ids, "at least one block id")
-        tokens = self._check_tokens(num_tokens, len(ids))
-        if isinstance(metadata, (bytearray, memoryview)):
-            metadata = bytes(metadata)
-        if type(metadata) is not bytes or len(metadata) > wire.MAX_METADATA_BYTES:
-            raise EngineConfigError("metadata", metadata if type(metadata) is not bytes
-                                    else f"{len(metadata)} bytes",
-                                    f"bytes, at most {wire.MAX_METADATA_BYTES}")
-        return _Admission(request_id, ids, peer, bool(layerwise), tokens, metadata)
-
-    def _enter(self, admission: _Admission, role: Role, data_tag: int) -> Transfer:
-        """Admit a validated, pinned transfer into the table and the engine."""
-        now = self._clock()
-        request_id, ids, peer = admission.request_id, admission.block_ids, admission.peer
-        session = self._table.admit(
-            request_id, role, peer, ids, now, queue_timeout_s=self.config.queue_timeout_s,
-            transfer_timeout_s=self.config.transfer_timeout_s,
-            confirm_grace_s=(self.config.sender_confirm_grace_s if role is Role.SENDER
-                             else None))
-        try:
-            chunks = self._num_layers if admission.layerwise else 1
-            chunk_nbytes = self._datapath.chunk_nbytes(len(ids), admission.num_tokens, chunks)
-            transfer = Transfer(session=session, layerwise=admission.layerwise,
-                                num_chunks=chunks, chunk_nbytes=chunk_nbytes, expected=chunks,
-                                num_tokens=admission.num_tokens,
-                                metadata=admission.metadata, data_tag=data_tag)
-            transfer.handle = TransferHandle(transfer, self._on_layer_ready)
-            self._leases.opened(peer, request_id)
-            self._transfers[request_id] = transfer
-        except BaseException:
-            # Not admitted after all: the caller gives back its pins and tags.
-            self._leases.closed(peer, request_id)
-            self._table.discard(request_id)
-            raise
-        # From here on it is admitted (in ``_transfers``): a failure below is the caller's
-        # to cancel, never to unpin (``_admitted_or_undo``).
-        if self._log_on:  # ``history`` is a copy: make it only to log it
-            self._log_transitions(transfer, session.history)
-        if self._agreement.known(request_id):  # the TP group already spoke about it
-            self._group.decide(request_id, now)
-        self._poke()
-        return transfer
-
-    def _check_tokens(self, num_tokens: int | None, blocks: int) -> int:
-        """The tokens a transfer of ``blocks`` blocks carries: ``num_tokens`` when it needs
-        exactly that many blocks, every slot when None; ``EngineConfigError`` otherwise."""
-        block_tokens = self.pool.layout.block_tokens
-        if num_tokens is None:
-            return blocks * block_tokens
-        low, high = (blocks - 1) * block_tokens + 1, blocks * block_tokens
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or \
-                not low <= num_tokens <= high:
-            raise EngineConfigError("num_tokens", num_tokens,
-                                    f"an int in {low}..{high} ({blocks} blocks of "
-                                    f"{block_tokens} tokens)")
-        return num_tokens
 
     def _end_call(self) -> None:
         """The end of a public call: the TP group of one decides what the call reported,

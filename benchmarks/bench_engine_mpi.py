@@ -133,13 +133,17 @@ async def bench(args: argparse.Namespace) -> None:
             await timed(raw_comm, run)
         cases: dict[str, list[float]] = {"raw": [], **{name: [] for name, _ in runs}}
         frames = dict.fromkeys(cases, 0)
-        control = ours.engine._control
+        engine = ours.engine
+
+        def frames_sent() -> int:  # EngineStats.control_frames; trees before it have none
+            return getattr(engine.stats(), "control_frames", 0)
+
         for _ in range(args.rounds):
             cases["raw"].append(await timed(raw_comm, raw.round))
             for name, run in runs:
-                before = getattr(control, "frames_sent", 0)  # frames sent so far (read only)
+                before = frames_sent()
                 cases[name].append(await timed(raw_comm, run))
-                frames[name] += getattr(control, "frames_sent", 0) - before
+                frames[name] += frames_sent() - before
         totals = {name: raw_comm.allreduce(count) for name, count in frames.items()}
         raw_comm.Barrier()
     if comm.Get_rank() != 0:
@@ -157,8 +161,8 @@ async def bench(args: argparse.Namespace) -> None:
                         ("batched", "one send_many() + one receive_many()")):
         if name not in rate:
             continue
-        payloads = (f"{totals[name] / done:.2f}" if hasattr(ours.engine._control, "frames_sent")
-                    else "3 (one per message)")
+        payloads = (f"{totals[name] / done:.2f}"
+                    if hasattr(ours.engine.stats(), "control_frames") else "3 (one per message)")
         print(f"| sessions/s, {label} | {rate['raw']:,.0f}/s | {rate[name]:,.0f}/s | "
               f"{rate[name] / rate['raw']:.3f} | {payloads} |")
 

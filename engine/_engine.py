@@ -423,6 +423,7 @@ class TransferEngine:
             early_advertises=self._control.early_count,
             quarantines=self._quarantines, staging_allocations=datapath.staging.allocations,
             staging_reuses=datapath.staging.reuses, agreement_rounds=self._group.rounds,
+            control_frames=self._control.frames_sent,
         )
 
     async def drain(self, timeout: float) -> DrainReport:

@@ -68,6 +68,8 @@ class EngineStats:
     staging_allocations: int
     staging_reuses: int
     agreement_rounds: int
+    #: Control payloads sent (each a frame of one or more messages).
+    control_frames: int = 0
 
 
 @attrs.frozen

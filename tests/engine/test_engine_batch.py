@@ -151,6 +151,7 @@ async def test_a_batch_to_one_peer_leaves_as_frames_that_fit_in_order() -> None:
                          zip(rids, blocks, strict=True)])
         payloads = [payload for _, payload in t0.recv_control()]
         assert 1 < len(payloads) < 200  # batched, and more than one frame was needed
+        assert e1.stats().control_frames == len(payloads)
         assert all(len(payload) <= MAX_CONTROL_BYTES for payload in payloads)
         got = []
         for payload in payloads:

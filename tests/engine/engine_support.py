@@ -118,6 +118,15 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await anyio.sleep(0.001)  # a poll of the condition, not a guess at a duration
 
 
+async def free_once_released(p0: BlockPool, p1: BlockPool, rid: str,
+                             src: Sequence[int], dst: Sequence[int]) -> None:
+    """The host's end of a test transfer: wait until neither side pins ``rid``'s blocks,
+    then free ``src`` on ``p0`` and ``dst`` on ``p1``."""
+    await until(lambda: not p0.pinned_by(rid) and not p1.pinned_by(rid))
+    p0.free(src, owner=rid)
+    p1.free(dst, owner=rid)
+
+
 async def ticks(*engines: TransferEngine, n: int = 20, timeout: float = 5.0) -> None:
     """Wait (real time, bounded) until each engine's loop ran ``n`` more ticks: for "this
     still has not happened" checks, so the engines had ``n`` chances to do the wrong thing

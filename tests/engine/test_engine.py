@@ -15,6 +15,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     same_kv,
     ticks,
@@ -251,9 +252,7 @@ async def test_engine_layout_extra_mismatch_is_layout_mismatch() -> None:
             with pytest.raises(TransferFailed) as info:
                 await handle.wait()
             assert info.value.reason == "layout_mismatch"
-        await until(lambda: not p0.pinned_by("s") and not p1.pinned_by("s"))
-        p0.free(src, owner="s")
-        p1.free(dst, owner="s")
+        await free_once_released(p0, p1, "s", src, dst)
 
 
 async def test_engine_admission_errors_leave_pool_unchanged() -> None:

@@ -17,6 +17,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     make_pool,
     running,
@@ -186,9 +187,7 @@ async def test_a_malformed_message_inside_a_frame_ends_it_and_touches_nothing() 
         await hr.wait()
         assert same_kv(kv_of(p1, dst), expected)
         assert e0.session("r").state is State.COMPLETE
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
 
 
 async def test_a_batched_send_failed_at_admission_still_takes_its_early_advertise() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_support import fast_config, fill, make_pool, running, until
+from engine_support import fast_config, fill, free_once_released, make_pool, running, until
 from kvhandoff.collectives import configure_logging
 from kvhandoff.engine import (
     DataTagsExhaustedError,
@@ -120,9 +120,7 @@ async def test_engine_accepts_numpy_and_tensor_block_ids(form: str) -> None:
         assert e1.session("r").block_ids == tuple(dst)
         assert all(torch.equal(layer[dst], want) for layer, want in zip(p1.layers, expected,
                                                                       strict=True))
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
     p0.check()
     p1.check()
 

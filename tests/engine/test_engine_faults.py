@@ -15,6 +15,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     make_pool,
     running,
@@ -167,9 +168,7 @@ async def test_engine_silent_peer_fails_sessions_with_peer_lost() -> None:
             with pytest.raises(TransferFailed) as info:
                 await handle.wait()
             assert info.value.reason == "peer_lost"
-        await until(lambda: not p0.pinned_by("l") and not p1.pinned_by("l"))
-        p0.free(src, owner="l")
-        p1.free(dst, owner="l")
+        await free_once_released(p0, p1, "l", src, dst)
 
 
 def _advertise_bytes(rid: str, blocks: int, nbytes: int, tag: int = 7) -> bytes:

@@ -11,6 +11,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     same_kv,
     ticks,
@@ -99,9 +100,7 @@ async def test_engine_layerwise_failed_layer_fails_transfer_after_all_final() ->
         with pytest.raises(TransferFailed) as sent:
             await hs.wait()
         assert got.value.reason == sent.value.reason == "transport_error"
-        await until(lambda: not p0.pinned_by("e") and not p1.pinned_by("e"))
-        p0.free(src, owner="e")
-        p1.free(dst, owner="e")
+        await free_once_released(p0, p1, "e", src, dst)
 
 
 async def test_engine_layerwise_sender_error_after_the_bytes_landed_is_success() -> None:

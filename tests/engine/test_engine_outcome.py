@@ -16,6 +16,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     make_pool,
     running,
@@ -70,9 +71,7 @@ async def _transfer_completes(e0: TransferEngine, e1: TransferEngine, p0: BlockP
     await hs.wait()
     await hr.wait()
     assert same_kv(kv_of(p1, dst), expected)
-    await until(lambda: not p0.pinned_by(rid) and not p1.pinned_by(rid))
-    p0.free(src, owner=rid)
-    p1.free(dst, owner=rid)
+    await free_once_released(p0, p1, rid, src, dst)
 
 
 # --- item 2: a third rank and the early-advertise table --------------------------------------
@@ -122,9 +121,7 @@ async def test_engine_peer_words_for_anothers_early_advertise_touch_nothing() ->
         hs = e0.send("req", src, 1)
         await hs.wait()
         await hr.wait()
-        await until(lambda: not p0.pinned_by("req") and not p1.pinned_by("req"))
-        p0.free(src, owner="req")
-        p1.free(dst, owner="req")
+        await free_once_released(p0, p1, "req", src, dst)
 
 
 # --- item 1: DONE ------------------------------------------------------------------------
@@ -148,9 +145,7 @@ async def test_engine_done_from_the_wrong_rank_or_for_no_transfer_is_rejected() 
         pair.t1.release(0)
         await hs.wait()
         await hr.wait()
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
 
 
 async def test_engine_only_the_receivers_own_done_confirms_a_send() -> None:
@@ -198,9 +193,7 @@ async def test_engine_sender_whose_receiver_never_answers_fails_with_unknown_out
         assert e0.session("r").failure.outcome_unknown  # type: ignore[union-attr]
         e1.cancel("r")
         pair.t1.release(0)
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
 
 
 # --- item 4: a healthy peer is not reported dead ---------------------------------------------
@@ -229,9 +222,7 @@ async def test_engine_wedged_receive_with_a_finished_sender_is_timeout_not_peer_
         assert got.value.reason == sent.value.reason == "transfer_timeout"
         assert not sent.value.outcome_unknown
         pair.t1.release(0)
-        await until(lambda: not p0.pinned_by("w") and not p1.pinned_by("w"))
-        p0.free(src, owner="w")
-        p1.free(dst, owner="w")
+        await free_once_released(p0, p1, "w", src, dst)
 
 
 async def test_engine_silent_receiver_is_peer_lost_and_the_sender_says_outcome_unknown() -> None:
@@ -255,9 +246,7 @@ async def test_engine_silent_receiver_is_peer_lost_and_the_sender_says_outcome_u
             await hr.wait()
         assert got.value.reason is FailureReason.PEER_LOST and not got.value.outcome_unknown
         pair.t1.release(0)
-        await until(lambda: not p0.pinned_by("s") and not p1.pinned_by("s"))
-        p0.free(src, owner="s")
-        p1.free(dst, owner="s")
+        await free_once_released(p0, p1, "s", src, dst)
 
 
 # --- the optional checksum -----------------------------------------------------------------
@@ -287,9 +276,7 @@ async def test_engine_checksum_mismatch_fails_both_sides_with_a_typed_reason(
         with pytest.raises(TransferFailed) as sent:
             await hs.wait()
         assert got.value.reason is sent.value.reason is FailureReason.CHECKSUM_MISMATCH
-        await until(lambda: not p0.pinned_by("c") and not p1.pinned_by("c"))
-        p0.free(src, owner="c")
-        p1.free(dst, owner="c")
+        await free_once_released(p0, p1, "c", src, dst)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
@@ -305,9 +292,7 @@ async def test_engine_checksum_on_intact_bytes_completes(layerwise: bool) -> Non
         await hs.wait()
         await hr.wait()
         assert same_kv(kv_of(p1, dst), expected)
-        await until(lambda: not p0.pinned_by("k") and not p1.pinned_by("k"))
-        p0.free(src, owner="k")
-        p1.free(dst, owner="k")
+        await free_once_released(p0, p1, "k", src, dst)
 
 
 async def test_engine_without_checksum_damaged_bytes_go_unnoticed() -> None:
@@ -320,6 +305,4 @@ async def test_engine_without_checksum_damaged_bytes_go_unnoticed() -> None:
         await hs.wait()
         await hr.wait()
         assert not same_kv(kv_of(p1, dst), expected)
-        await until(lambda: not p0.pinned_by("n") and not p1.pinned_by("n"))
-        p0.free(src, owner="n")
-        p1.free(dst, owner="n")
+        await free_once_released(p0, p1, "n", src, dst)

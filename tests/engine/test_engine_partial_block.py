@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import HeldTransport, fast_config, fill, running, same_kv, token_slots, until
+from engine_support import (
+    HeldTransport,
+    fast_config,
+    fill,
+    free_once_released,
+    running,
+    same_kv,
+    token_slots,
+    until,
+)
 from kvhandoff.engine import BlockPool, KVLayout, TransferEngine
 from kvhandoff.engine._datapath import PIECE_BYTES
 from kvhandoff.engine.transports import loopback_group
@@ -66,9 +75,7 @@ async def _move(e0: TransferEngine, e1: TransferEngine, p0: BlockPool, p1: Block
     moved = _moved_nbytes(p0, tokens)
     assert got.num_tokens == done.num_tokens == tokens
     assert got.nbytes == done.nbytes == moved
-    await until(lambda: not p0.pinned_by(rid) and not p1.pinned_by(rid))
-    p0.free(src, owner=rid)
-    p1.free(dst, owner=rid)
+    await free_once_released(p0, p1, rid, src, dst)
     return src, dst
 
 

@@ -20,6 +20,7 @@ from engine_support import (
     engine_pair,
     fast_config,
     fill,
+    free_once_released,
     kv_of,
     running,
     same_kv,
@@ -88,9 +89,7 @@ async def test_num_tokens_mismatch_is_size_mismatch_on_both_sides() -> None:
         for error in errors:  # both name the count and both values
             assert "num tokens: receiver 11, sender 9" in str(error.detail)
         assert same_kv(kv_of(p1, dst), before)  # nothing was written
-        await until(lambda: not p0.pinned_by("m") and not p1.pinned_by("m"))
-        p0.free(src, owner="m")
-        p1.free(dst, owner="m")
+        await free_once_released(p0, p1, "m", src, dst)
 
 
 async def test_bad_num_tokens_and_metadata_raise_before_anything_changes() -> None:
@@ -218,9 +217,7 @@ async def test_layout_mismatch_names_each_field_with_both_values_on_both_sides(
             assert info.value.reason == "layout_mismatch"
             for text in named:
                 assert text in str(info.value.detail), info.value.detail
-        await until(lambda: not p0.pinned_by("l") and not p1.pinned_by("l"))
-        p0.free(src, owner="l")
-        p1.free(dst, owner="l")
+        await free_once_released(p0, p1, "l", src, dst)
 
 
 async def test_engine_fingerprint_comes_from_the_pool_layout() -> None:

@@ -15,6 +15,7 @@ from engine_support import (
     ManualClock,
     engine_pair,
     fast_config,
+    free_once_released,
     running,
     ticks,
     until,
@@ -87,9 +88,7 @@ async def test_staged_pieces_move_on_the_chunks_tag_and_scatter_as_they_land(
         await hr.wait()
         await hs.wait()  # the sender completes on the receiver's DONE
         assert landed(slice(0, blocks))
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
         # One staging buffer per staged side, not one per piece; none on a region side.
         assert e1.stats().staging_allocations == 1
         assert e0.stats().staging_allocations == (0 if sender_path == 0 else 1)
@@ -117,9 +116,7 @@ async def test_layerwise_large_layers_move_in_pieces_each() -> None:
         assert len(tags) == 4 and tags[0] == tags[1] and tags[2] == tags[3] != tags[0]
         assert all(torch.equal(layer[dst], want)
                    for layer, want in zip(p1.layers, expected, strict=True))
-        await until(lambda: not p0.pinned_by("r") and not p1.pinned_by("r"))
-        p0.free(src, owner="r")
-        p1.free(dst, owner="r")
+        await free_once_released(p0, p1, "r", src, dst)
 
 
 # --- safety on the region path (loopback moves regions block to block), poison pools ------
@@ -368,9 +365,7 @@ async def test_staged_window_stalls_on_a_held_piece_and_resumes() -> None:
         await hs.wait()
         assert len(held.posts) == WINDOW_PIECES
         assert landed(slice(0, blocks))
-        await until(lambda: not p0.pinned_by("h") and not p1.pinned_by("h"))
-        p0.free(src, owner="h")
-        p1.free(dst, owner="h")
+        await free_once_released(p0, p1, "h", src, dst)
 
 
 @pytest.mark.anyio
